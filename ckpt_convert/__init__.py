@@ -1,0 +1,1 @@
+"""PyTorch <-> JAX checkpoint converters (declarative key tables, streaming safetensors I/O)."""

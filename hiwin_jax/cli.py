@@ -1,0 +1,101 @@
+"""`hiwin`: one command with subcommands. `hiwin <subcommand> --help` documents each.
+
+Config-driven subcommands take `--config NAME_OR_PATH` and any number of
+`--config.a.b=value` overrides (ml_collections style).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
+  p.add_argument("--config", default=default,
+                 help="config name in configs/ (tiny, vicuna7b, vicuna13b, qwen2_7b) or a path to "
+                      "a config file; override any field with --config.a.b=value")
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  rest, overrides = [], []
+  for a in argv:
+    (overrides if a.startswith("--config.") else rest).append(a)
+  return rest, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="hiwin", description="LLaVA-UHD v2 in JAX: demo, weight conversion.",
+      epilog="Config overrides: --config.model.llm.num_layers=2 (any subcommand with --config).")
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+  demo = sub.add_parser(
+      "demo", help="offline end-to-end run on a tiny model (no downloads)",
+      description="Builds the tiny towers, runs the CLIP tower on real photos sliced to non-square "
+                  "grids and the LLM with KV-cache decoding, sharded over every local device, "
+                  "exports both towers to the HuggingFace layout and reloads them.")
+  _add_config_args(demo)
+  demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+
+  conv = sub.add_parser(
+      "convert", help="PyTorch/HF checkpoints <-> hiwin parameter checkpoints",
+      description="import: a HuggingFace folder (config.json + safetensors, sharded or not) -> a "
+                  "hiwin checkpoint folder (orbax params + hiwin_config.json). export: the reverse, "
+                  "loadable by transformers' from_pretrained. Converts tensor by tensor.")
+  conv.add_argument("direction", choices=["import", "export"])
+  conv.add_argument("--format", required=True, choices=["hf-llm", "hf-clip"],
+                    help="hf-llm: LlamaForCausalLM / Qwen2ForCausalLM; hf-clip: CLIPVisionModel")
+  conv.add_argument("--input", required=True, help="source folder or file")
+  conv.add_argument("--output", required=True, help="destination folder")
+  conv.add_argument("--dtype", default=None,
+                    help="dtype of the written tensors (float32, bfloat16; default: as stored)")
+  return parser
+
+
+def _convert(args) -> int:
+  from ckpt_convert import formats
+  from hiwin_jax.train import checkpoint
+  section = formats.FORMATS[args.format].section
+  if args.direction == "import":
+    cfg, params = formats.import_params(args.format, args.input, args.dtype)
+    out = checkpoint.save_params(args.output, params, {"format": args.format,
+                                                       section: cfg.to_dict()})
+  else:
+    params, saved = checkpoint.load_params(args.input)
+    if not saved or saved.get("format") != args.format:
+      raise SystemExit(f"{args.input}: not a hiwin {args.format} checkpoint "
+                       f"(its {checkpoint.CONFIG_NAME} says format "
+                       f"{saved and saved.get('format')!r})")
+    cfg = formats.FORMATS[args.format].schema()
+    cfg.update(saved[section])
+    out = formats.export_params(args.format, params, cfg, args.output, args.dtype)
+  logging.getLogger("hiwin").info("wrote %s", out)
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = build_parser().parse_args(rest)
+  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news to users
+  from ckpt_convert.safetensors_io import CheckpointError
+  try:
+    if args.command == "demo":
+      from hiwin_jax import demo
+      return demo.run(args.config, overrides, args.out)
+    if args.command == "convert":
+      return _convert(args)
+  except (CheckpointError, FileNotFoundError, KeyError) as e:
+    # Bad input the user can fix: one clear line, no traceback.
+    print(f"hiwin {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

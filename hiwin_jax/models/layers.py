@@ -1,0 +1,170 @@
+"""Building blocks shared by every tower: parameters with logical axes, Linear, norms, remat, scan.
+
+Every parameter is created by `param()`, which attaches its logical axis names (`embed`, `mlp`,
+`heads`, ...) as `out_sharding` metadata. The mapping from logical names to mesh axes lives in
+the config (`hiwin_jax.parallel.sharding`); modules never name a mesh axis. Eager sharding is off
+on purpose: models are created unsharded (tests, conversion) or under `jax.jit` with explicit
+`out_shardings` (training), never by a side effect of an ambient mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name as _checkpoint_name
+
+Axes = tuple[str | None, ...]
+Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
+PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+              "highest": jax.lax.Precision.HIGHEST}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """Precision policy: parameters stored in `param_dtype`, matmuls in `dtype` at `matmul`.
+
+  Norm statistics, softmax and logits are always computed in float32 regardless of `dtype`.
+  The fp32 "parity" policy (`Precision.parity()`) is what the numerical tests use.
+  """
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  matmul: Any = jax.lax.Precision.DEFAULT
+
+  @classmethod
+  def from_config(cls, cfg) -> "Precision":
+    return cls(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+               matmul=PRECISIONS[cfg.matmul_precision])
+
+  @classmethod
+  def parity(cls) -> "Precision":
+    return cls(jnp.float32, jnp.float32, jax.lax.Precision.HIGHEST)
+
+
+def normal_init(stddev: float = 0.02) -> Initializer:
+  return jax.nn.initializers.normal(stddev)
+
+
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], dtype: Any,
+          axes: Axes) -> nnx.Param:
+  """An `nnx.Param` of `shape` with logical axis names `axes` (one name or None per dim)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel stored (in, out) (PyTorch `nn.Linear.weight` transposed)."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+               use_bias: bool, precision: Precision, rngs: nnx.Rngs,
+               kernel_init: Initializer = normal_init()):
+    self.precision = precision
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), precision.param_dtype, axes)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, (out_features,), precision.param_dtype,
+                       (axes[1],)) if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., in] -> [..., out] in the compute dtype."""
+    p = self.precision
+    y = jnp.matmul(x.astype(p.dtype), self.kernel[...].astype(p.dtype), precision=p.matmul)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(p.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """`torch.nn.LayerNorm(dim, eps)`: two-pass mean/variance in float32, output in compute dtype."""
+
+  def __init__(self, dim: int, *, eps: float, axis_name: str | None, precision: Precision):
+    self.eps = eps
+    self.precision = precision
+    self.scale = param(None, jax.nn.initializers.ones, (dim,), precision.param_dtype, (axis_name,))
+    self.bias = param(None, jax.nn.initializers.zeros, (dim,), precision.param_dtype, (axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., dim] -> [..., dim]."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.precision.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA/Qwen2 RMSNorm as transformers computes it: normalise in float32, cast, then scale."""
+
+  def __init__(self, dim: int, *, eps: float, axis_name: str | None, precision: Precision):
+    self.eps = eps
+    self.precision = precision
+    self.scale = param(None, jax.nn.initializers.ones, (dim,), precision.param_dtype, (axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., dim] -> [..., dim]."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.precision.dtype) * y.astype(self.precision.dtype)
+
+
+# --- remat -----------------------------------------------------------------------------------
+
+_CP = jax.checkpoint_policies
+REMAT_POLICIES: dict[str, Any] = {
+    # name -> policy; "none" means no rematerialisation at all.
+    "none": None,
+    "full": _CP.nothing_saveable,
+    "minimal": _CP.dots_with_no_batch_dims_saveable,
+    "save_dots": _CP.dots_saveable,
+    "save_qkv_proj": _CP.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "minimal_with_context": _CP.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj", "context", "mlp_in", "mlp_out"),
+}
+
+
+def checkpoint_name(x: jax.Array, name: str) -> jax.Array:
+  """Tags an intermediate so that named remat policies can save it."""
+  return _checkpoint_name(x, name)
+
+
+# --- scanned layer stacks ---------------------------------------------------------------------
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+  """Creates `num_layers` layers as one module whose parameters have a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(r):
+    return make_layer(r)
+
+  return create(rngs)
+
+
+def scan_layers(layers: nnx.Module, body: Callable, carry: Any, xs: Any = None, *,
+                remat: str = "none", num_layers: int | None = None):
+  """Runs `body(layer, carry, x) -> (carry, y)` over the stacked layers with `lax.scan`.
+
+  `num_layers` runs only the first layers (CLIP stops at `select_layer`). `remat` names a policy
+  in `REMAT_POLICIES`; "full" recomputes the whole layer in the backward pass.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+  graphdef, state = nnx.split(layers)
+  if num_layers is not None:
+    state = jax.tree.map(lambda a: a[:num_layers], state)
+
+  def step(c, inputs):
+    st, x = inputs
+    return body(nnx.merge(graphdef, st), c, x)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(step, carry, (state, xs))

@@ -1,0 +1,63 @@
+"""Parameter checkpoints (orbax): what `hiwin convert` writes and every command can restore.
+
+The on-disk tree is the model's parameter state as a nested dict of arrays (paths as in
+`nnx.state(model, nnx.Param)`), plus a JSON sidecar with the config that built the model, so a
+checkpoint folder is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_NAME = "hiwin_config.json"
+
+
+def _nest(flat: Mapping[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out
+
+
+def save_params(folder: str | pathlib.Path, params: Mapping[str, np.ndarray],
+                config: Mapping | None = None) -> pathlib.Path:
+  """Writes `params` (dotted path -> array) to `folder/params`, and `config` beside it."""
+  folder = pathlib.Path(folder).resolve()
+  folder.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(folder / "params", _nest(params), force=True)
+    ckptr.wait_until_finished()
+  if config is not None:
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+  return folder
+
+
+def load_params(folder: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
+  """(dotted path -> numpy array, the saved config dict or None)."""
+  folder = pathlib.Path(folder).resolve()
+  if not (folder / "params").is_dir():
+    raise FileNotFoundError(f"{folder}: not a hiwin parameter checkpoint (no params/ folder)")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(folder / "params")
+  cfg_path = folder / CONFIG_NAME
+  config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+  return _flatten(tree), config
