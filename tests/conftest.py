@@ -4,3 +4,5 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the tpu-aot extra) only compiles for abstract TPU topologies here: no metadata server.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -1,0 +1,200 @@
+"""Adaptive convolution of the JBU upsampler (FeatUp's `AdaptiveConv` CUDA op), NHWC.
+
+    out[n, y, x, c] = sum_{a, b} filters[n, y, x, 7a + b] * xpad[n, y + a, x + b, c]
+
+`xpad` is the hi-res feature map already reflect-padded by 3 ([B, H+6, W+6, C], any float
+dtype); `filters` is [B, H, W, 49] (tap p = 7a + b, a = row offset, b = column offset, the
+`torch.nn.Unfold` order FeatUp uses). The sum runs in float32 (a outer, b inner, like the
+official CUDA kernel) and the output is float32; callers cast. float64 inputs accumulate and
+return float64 on the pure-JAX path (used by the finite-difference gradient checks).
+
+Implementations (`impl=`), all behind one `jax.custom_vjp` with explicit backward passes
+(`pallas_call` has no transpose rule, and the explicit form pins the residuals to
+`(xpad, filters)` instead of 49 shifted slices):
+- "xla": 49 shifted-slice accumulations (the 49 shifted copies are never materialised).
+  grad_x is the exact transpose (49 zero-padded shifted products summed on the padded
+  grid), grad_F is a per-tap reduction over C. The CPU path and the oracle for the kernels.
+- "pallas_tpu": Mosaic TPU kernels (`adaptive_conv_pallas_tpu.py`).
+- "pallas_gpu": Pallas-Triton GPU kernels (`adaptive_conv_pallas_gpu.py`).
+- "auto": pallas_tpu on TPU, pallas_gpu on GPU, xla elsewhere (by `jax.default_backend()`).
+  The Pallas kernels are checked in interpret mode and by off-device lowering/compiling
+  only, not yet on hardware: pass impl="xla" to stay on the reference path.
+`interpret=True` runs the Pallas kernels on CPU (TPU kernels with TPU semantics through
+`pltpu.InterpretParams()`).
+
+`official_grad_bug=True` reproduces the indexing bug of the official CUDA
+`adaptive_conv_grad_filters_kernel` (`f = blockIdx.z * blockIdx.z + threadIdx.z`): only
+taps {0, 1, 4, 9, 16, 25, 36} receive a filter gradient, the other 42 get zero. grad_x is
+unaffected. Only for reproducing the official VDIM (JBU) pretraining; the default is the
+correct gradient.
+
+Sharding: `pallas_call` cannot be partitioned automatically. Under a jit whose inputs are
+sharded over the batch, call `adaptive_conv_sharded(xpad, filters, mesh=..., batch_axis=...)`
+(a `jax.shard_map` over the batch axis) instead of `adaptive_conv`; the xla impl partitions
+by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+KSIZE = 7
+NTAPS = KSIZE * KSIZE
+PAD = KSIZE // 2
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+# Taps the official CUDA grad_filters kernel writes: f = z * z for z = 0..6 (z >= 7 is >= 49).
+BUGGY_GRAD_TAPS = tuple(z * z for z in range(KSIZE))
+
+
+def _acc_dtype(*dtypes):
+  """float32, or float64 when an input is float64 (the pure-JAX path keeps f64 exact)."""
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
+# ----------------------------------------------------------------------------- xla
+
+
+def forward_xla(xpad, filters):
+  """out: [B, H, W, C] = sum_t filters[..., t] * shifted xpad; float32 accumulation."""
+  _, hp, wp, _ = xpad.shape
+  h, w = hp - 2 * PAD, wp - 2 * PAD
+  acc_t = _acc_dtype(xpad.dtype, filters.dtype)
+  f = filters.astype(acc_t)
+  acc = None
+  for a in range(KSIZE):
+    for b in range(KSIZE):
+      term = f[..., KSIZE * a + b, None] * xpad[:, a:a + h, b:b + w, :].astype(acc_t)
+      acc = term if acc is None else acc + term
+  return acc
+
+
+def grad_x_xla(g, filters):
+  """grad wrt xpad: [B, H+6, W+6, C]; gxp[y+a, x+b] += g[y, x] * F[y, x, 7a+b]."""
+  acc_t = _acc_dtype(g.dtype, filters.dtype)
+  g = g.astype(acc_t)
+  f = filters.astype(acc_t)
+  zero = jnp.zeros((), acc_t)
+  acc = None
+  for a in range(KSIZE):
+    for b in range(KSIZE):
+      pads = ((0, 0, 0), (a, 2 * PAD - a, 0), (b, 2 * PAD - b, 0), (0, 0, 0))
+      term = lax.pad(g * f[..., KSIZE * a + b, None], zero, pads)
+      acc = term if acc is None else acc + term
+  return acc
+
+
+def grad_f_xla(g, xpad):
+  """grad wrt filters: [B, H, W, 49]; gF[..., 7a+b] = sum_c g * xpad[:, a:a+H, b:b+W]."""
+  _, h, w, _ = g.shape
+  acc_t = _acc_dtype(g.dtype, xpad.dtype)
+  g = g.astype(acc_t)
+  taps = [jnp.sum(g * xpad[:, a:a + h, b:b + w, :].astype(acc_t), axis=-1)
+          for a in range(KSIZE) for b in range(KSIZE)]
+  return jnp.stack(taps, axis=-1)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"adaptive_conv: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend, "xla")
+
+
+def _impl_fns(impl: str, interpret: bool):
+  """(forward, grad_x, grad_f) callables for a resolved impl."""
+  if impl == "xla":
+    return forward_xla, grad_x_xla, grad_f_xla
+  if impl == "pallas_tpu":
+    from hiwin_jax.kernels import adaptive_conv_pallas_tpu as k
+  else:
+    from hiwin_jax.kernels import adaptive_conv_pallas_gpu as k
+  return (functools.partial(k.forward, interpret=interpret),
+          functools.partial(k.grad_x, interpret=interpret),
+          functools.partial(k.grad_f, interpret=interpret))
+
+
+def _buggy_tap_mask(dtype):
+  m = np.zeros((NTAPS,), np.float32)
+  m[list(BUGGY_GRAD_TAPS)] = 1.0
+  return jnp.asarray(m, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _adaptive_conv(xpad, filters, impl, official_grad_bug, interpret):
+  return _impl_fns(impl, interpret)[0](xpad, filters)
+
+
+def _adaptive_conv_fwd(xpad, filters, impl, official_grad_bug, interpret):
+  return _impl_fns(impl, interpret)[0](xpad, filters), (xpad, filters)
+
+
+def _adaptive_conv_bwd(impl, official_grad_bug, interpret, res, g):
+  xpad, filters = res
+  _, grad_x, grad_f = _impl_fns(impl, interpret)
+  gx = grad_x(g, filters).astype(xpad.dtype)
+  gf = grad_f(g, xpad)
+  if official_grad_bug:
+    gf = gf * _buggy_tap_mask(gf.dtype)
+  return gx, gf.astype(filters.dtype)
+
+
+_adaptive_conv.defvjp(_adaptive_conv_fwd, _adaptive_conv_bwd)
+# One executable per shape when called eagerly (instead of ~150 op-by-op dispatches); a
+# plain nested call under an outer jit.
+_adaptive_conv_jit = jax.jit(_adaptive_conv, static_argnums=(2, 3, 4))
+
+
+def _validate(xpad, filters):
+  xs, fs = tuple(xpad.shape), tuple(filters.shape)
+  if len(xs) != 4 or len(fs) != 4:
+    raise ValueError(f"adaptive_conv: expected xpad [B, H+6, W+6, C] and filters [B, H, W, 49], "
+                     f"got xpad {xs} and filters {fs}")
+  b, hp, wp, c = xs
+  h, w = hp - 2 * PAD, wp - 2 * PAD
+  if h < 1 or w < 1 or c < 1 or b < 1:
+    raise ValueError(f"adaptive_conv: xpad {xs} gives an empty output grid H={h}, W={w} "
+                     f"(C={c}, B={b}); xpad must be [B, H+6, W+6, C] with H, W, C, B >= 1 "
+                     f"(filters {fs})")
+  if fs != (b, h, w, NTAPS):
+    raise ValueError(f"adaptive_conv: filters {fs} must be [B, H, W, 49] = {(b, h, w, NTAPS)} "
+                     f"for xpad {xs}")
+  for name, dt in (("xpad", xpad.dtype), ("filters", filters.dtype)):
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise TypeError(f"adaptive_conv: {name} must be a float array, got {dt} "
+                      f"(xpad {xs}, filters {fs})")
+
+
+def adaptive_conv(xpad, filters, *, impl: str = "auto", official_grad_bug: bool = False,
+                  interpret: bool = False):
+  """FeatUp `AdaptiveConv` in NHWC.
+
+  xpad: [B, H+6, W+6, C] reflect-padded features (any float dtype).
+  filters: [B, H, W, 49] per-pixel taps, p = 7*row_offset + col_offset (float32).
+  returns: [B, H, W, C] float32 (float64 for float64 inputs on impl="xla").
+  Differentiable in both arguments; cotangents have the primal dtypes.
+  """
+  _validate(xpad, filters)
+  return _adaptive_conv_jit(xpad, filters, _resolve_impl(impl), bool(official_grad_bug),
+                            bool(interpret))
+
+
+def adaptive_conv_sharded(xpad, filters, *, mesh, batch_axis="data", **kwargs):
+  """`adaptive_conv` under `jax.shard_map` over the batch axis (needed by the Pallas impls
+  when xpad/filters are batch-sharded inside jit). `batch_axis` is a mesh axis name or a
+  tuple of them; the batch must divide evenly over it."""
+  spec = jax.sharding.PartitionSpec(batch_axis)
+  fn = functools.partial(adaptive_conv, **kwargs)
+  # check_vma=False: pallas_call out_shapes carry no varying-manual-axes annotation, which
+  # the checker would demand; every output here is per-shard anyway.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                       check_vma=False)(xpad, filters)

@@ -1,0 +1,217 @@
+"""The Visual Detail Injection Module (VDIM): FeatUp's joint bilateral upsampler (spec §3).
+
+`JBULearnedRange` doubles a feature map's resolution: each output pixel is a learned 7x7 kernel
+(a softmax range kernel over projected guidance pixels, times a spatial Gaussian, normalised, then
+nudged by a small MLP) applied to the bicubically upsampled features. `JBUStack` chains these
+steps, pooling fresh guidance from the full-resolution pixels for each level, and adds a 1x1-conv
+fix-up to the last level only. Everything is NHWC.
+
+Precision: in float32 every step is float32. With a bfloat16 compute dtype the casts happen at
+exactly the points where the official bf16 projector casts (spec §3.6): inputs, pooling, range
+projection, logits and softmax in bf16 (statistics accumulated in float32, then rounded); `R * S`
+and the normalisation in float32; the kernel MLP in bf16 with `0.1 * fixup` rounded to bf16 before
+it is added to the float32 kernel; bicubic in bf16; the adaptive convolution in float32; each
+level's output rounded to bf16; the stack's fix-up in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hiwin_jax.kernels.adaptive_conv import adaptive_conv
+from hiwin_jax.models.layers import Linear, Precision, param
+from hiwin_jax.models.resize import adaptive_avg_pool2d, reflect_pad, resize_bicubic
+
+_F32 = jnp.float32
+_TENTH = np.float32(0.1)  # torch multiplies a bf16 tensor by the Python 0.1 in float32 opmath
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """`torch.linspace(start, end, steps)` in float32: the first half counts up from `start`, the
+  second half down from `end`, each value one fused multiply-add (`end - step * k` rounded once;
+  the middle of linspace(-1, 1, 7) is -2.98e-8, not 0)."""
+  step = np.float64(np.float32((np.float32(end) - np.float32(start)) / np.float32(steps - 1)))
+  i = np.arange(steps, dtype=np.float64)
+  # float64 holds step * k and the sum exactly, so one rounding to float32 equals the FMA.
+  values = np.where(i < steps // 2, np.float32(start) + step * i,
+                    np.float32(end) - step * (steps - 1 - i))
+  return values.astype(np.float32)
+
+
+def dropout2d(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """`torch.nn.Dropout2d(rate)` on NHWC `x: [B, H, W, C]`: in training (`rng` given) zero whole
+  channels per (sample, channel) with probability `rate`, scale survivors by 1/(1-rate) (the
+  scale is rounded to x's dtype, as torch's noise tensor is); identity when `rng` is None."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
+  return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  """`torch.nn.GELU()` (exact erf form), computed in float32 and rounded to x's dtype."""
+  return jax.nn.gelu(x.astype(_F32), approximate=False).astype(x.dtype)
+
+
+def _scaled(x: jax.Array, factor: np.float32) -> jax.Array:
+  """`factor * x` as torch evaluates a Python scalar times a tensor: in float32, rounded to x's
+  dtype (in bf16, multiplying by bf16(0.1) instead changes many output elements)."""
+  return (x.astype(_F32) * factor).astype(x.dtype)
+
+
+def _conv1x1(in_features: int, out_features: int, axes, precision: Precision,
+             rngs: nnx.Rngs) -> Linear:
+  """A `Conv2d(in, out, 1)` as a Linear, with torch's default init U(+-1/sqrt(fan_in)) for the
+  kernel and the bias (so VDIM pre-training from scratch starts where the official one did)."""
+  bound = 1.0 / math.sqrt(in_features)
+
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  layer = Linear(in_features, out_features, axes=axes, use_bias=True, precision=precision,
+                 rngs=rngs, kernel_init=init)
+  layer.bias = param(rngs, init, (out_features,), precision.param_dtype, (axes[1],))
+  return layer
+
+
+def check_grid(h: int, w: int, what: str = "JBU source") -> None:
+  """Reflect padding by 3 of the 2x upsampled map needs 2h, 2w >= 4; the official code crashes."""
+  if h < 2 or w < 2:
+    raise ValueError(f"{what} grid (h, w) = ({h}, {w}) is too small: the JBU needs h, w >= 2 "
+                     f"(reflect padding by 3 of the 2x upsampled {2 * h}x{2 * w} map needs >= 4)")
+
+
+class JBULearnedRange(nnx.Module):
+  """FeatUp's `JBULearnedRange(guidance_dim, feat_dim, key_dim, scale=2, radius)`: one 2x step.
+
+  Parameter names follow the official Sequential indices (`range_proj.0` -> `range_proj_0`).
+  """
+
+  def __init__(self, feat_dim: int, *, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3,
+               precision: Precision, conv_impl: str = "xla", rngs: nnx.Rngs):
+    if radius != 3:
+      raise ValueError(f"radius {radius}: the adaptive convolution is a 7x7 (radius 3) kernel")
+    self.feat_dim = feat_dim
+    self.radius = radius
+    self.diameter = 2 * radius + 1
+    taps = self.diameter ** 2
+    self.precision = precision
+    self.conv_impl = conv_impl
+    scalar = lambda v: param(rngs, jax.nn.initializers.constant(v), (), precision.param_dtype, ())
+    self.range_temp = scalar(0.0)
+    self.range_proj_0 = _conv1x1(guidance_dim, key_dim, (None, None), precision, rngs)
+    self.range_proj_3 = _conv1x1(key_dim, key_dim, (None, None), precision, rngs)
+    self.fixup_proj_0 = _conv1x1(taps + guidance_dim, taps, (None, None), precision, rngs)
+    self.fixup_proj_3 = _conv1x1(taps, taps, (None, None), precision, rngs)
+    self.sigma_spatial = scalar(1.0)
+
+  def spatial_kernel(self) -> jax.Array:
+    """S[7a+b] = exp(-(t_a^2 + t_b^2) / (2 sigma^2)), t = linspace(-1, 1, 7): [49] float32.
+    2 sigma^2 is a 0-d value in the compute dtype (bf16-rounded in a bf16 module)."""
+    t = _torch_linspace_f32(-1.0, 1.0, self.diameter)
+    d2 = (t[:, None] ** 2 + t[None, :] ** 2).reshape(-1)
+    sigma = self.sigma_spatial[...].astype(self.precision.dtype)
+    return jnp.exp(-jnp.asarray(d2) / (2 * sigma ** 2).astype(_F32))
+
+  def range_kernel(self, guidance: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """guidance: [B, H, W, 3] -> softmax over the 49 taps of tau * <key(y+a-3, x+b-3), key(y, x)>,
+    [B, H, W, 49] in the compute dtype."""
+    cd = self.precision.dtype
+    keys = self.range_proj_3(dropout2d(_gelu(self.range_proj_0(guidance)), 0.1, rng))
+    _, gh, gw, _ = keys.shape
+    padded = reflect_pad(keys, self.radius).astype(_F32)
+    d = self.diameter
+    # neighbours[b, y, x, a, b', c] = padded[b, y+a, x+b', c], from 7 + 7 shifted slices; the
+    # product-sum fuses into one reduction over key_dim. (49 separate slice-reductions give the
+    # same bits but take ~10x longer to compile, mostly in the backward pass.)
+    rows = jnp.stack([padded[:, a:a + gh] for a in range(d)], axis=-2)  # [B, H, W+6, 7, c]
+    neighbours = jnp.stack([rows[:, :, b:b + gw] for b in range(d)], axis=-2)
+    logits = jnp.sum(neighbours * keys.astype(_F32)[:, :, :, None, None, :], axis=-1)
+    logits = logits.reshape(*keys.shape[:3], d * d).astype(cd)
+    tau = jnp.clip(jnp.exp(self.range_temp[...].astype(cd)), 1e-4, 1e4)
+    return jax.nn.softmax((tau * logits).astype(_F32), axis=-1).astype(cd)
+
+  def filters(self, guidance: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """guidance: [B, H, W, 3] -> the adaptive-conv kernel [B, H, W, 49] float32, tap 7a+b."""
+    cd = self.precision.dtype
+    guidance = guidance.astype(cd)
+    rng_range, rng_fixup = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    kernel = self.range_kernel(guidance, rng_range).astype(_F32) * self.spatial_kernel()
+    kernel = kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-7)
+    fix_in = jnp.concatenate([kernel.astype(cd), guidance], axis=-1)
+    fix = self.fixup_proj_3(dropout2d(_gelu(self.fixup_proj_0(fix_in)), 0.1, rng_fixup))
+    return kernel + _scaled(fix, _TENTH).astype(_F32)  # no renormalisation, as in the official
+
+  def __call__(self, source: jax.Array, guidance: jax.Array, *,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """source: [B, h, w, C], guidance: [B, 2h, 2w, 3] -> [B, 2h, 2w, C] float32.
+
+    `dropout_rng` switches on the two Dropout2d(0.1) layers (training mode)."""
+    b, h, w, c = source.shape
+    check_grid(h, w)
+    if c != self.feat_dim:
+      raise ValueError(f"source {source.shape} has {c} channels, this JBU was built for "
+                       f"feat_dim={self.feat_dim}")
+    if guidance.shape[:3] != (b, 2 * h, 2 * w):
+      raise ValueError(f"guidance {guidance.shape} must be [B, 2h, 2w, 3] = [{b}, {2 * h}, "
+                       f"{2 * w}, 3] for source {source.shape}")
+    kernel = self.filters(guidance, dropout_rng)
+    upsampled = resize_bicubic(source.astype(self.precision.dtype), (2 * h, 2 * w))
+    padded = reflect_pad(upsampled, self.radius).astype(_F32)
+    return adaptive_conv(padded, kernel, impl=self.conv_impl)
+
+
+class JBUStack(nnx.Module):
+  """LLaVA-UHD v2's `JBU{2,4,8}xStack`: `scale` = 2, 4 (the released model) or 8.
+
+  Levels `up1..upL` each double the resolution with guidance pooled from the full-resolution
+  pixels; `fixup_proj` = Dropout2d(0.2) + Conv1x1(C, C) adds `0.1 * fixup(x)` to the last level.
+  For scale 4 this is `forward_with_internal_features` exactly. Scale 2 and 8 are the natural
+  extensions of that forward (the official JBU8xStack has a different key layout, with per-level
+  `fixup_proj_2x/4x/8x`, and no `forward_with_internal_features`; the released model never
+  uses it).
+  """
+
+  def __init__(self, feat_dim: int, *, scale: int = 4, precision: Precision,
+               conv_impl: str = "xla", rngs: nnx.Rngs):
+    levels = {2: 1, 4: 2, 8: 3}
+    if scale not in levels:
+      raise ValueError(f"JBU stack scale must be 2, 4 or 8, got {scale}")
+    self.scale = scale
+    self.num_levels = levels[scale]
+    self.precision = precision
+    for k in range(1, self.num_levels + 1):
+      setattr(self, f"up{k}", JBULearnedRange(feat_dim, precision=precision, conv_impl=conv_impl,
+                                              rngs=rngs))
+    self.fixup_proj = _conv1x1(feat_dim, feat_dim, ("vision_embed", None), precision, rngs)
+
+  def __call__(self, source: jax.Array, pixels: jax.Array, *, dropout_rng: jax.Array | None = None,
+               hierarchical: bool = False) -> dict[str, jax.Array]:
+    """source: [B, h, w, C] ViT features, pixels: [B, 14h, 14w, 3] normalised image ->
+    {"feat2x": [B, 2h, 2w, C], "feat4x": [B, 4h, 4w, C], ...} up to `scale`, compute dtype.
+
+    `dropout_rng` switches on every Dropout2d (training mode). `hierarchical=True` is VDIM
+    pre-training's `forward_stageloss`: each level sees its input through stop_gradient, so the
+    loss on a level trains only that level (and the fix-up)."""
+    cd = self.precision.dtype
+    _, h, w, _ = source.shape
+    check_grid(h, w)
+    rngs = ([None] * (self.num_levels + 1) if dropout_rng is None
+            else list(jax.random.split(dropout_rng, self.num_levels + 1)))
+    pixels = pixels.astype(cd)
+    x = source.astype(cd)
+    out = {}
+    for k in range(1, self.num_levels + 1):
+      s = 2 ** k
+      guidance = adaptive_avg_pool2d(pixels, (s * h, s * w))  # always from the full-res pixels
+      inp = jax.lax.stop_gradient(x) if hierarchical and k > 1 else x
+      x = getattr(self, f"up{k}")(inp, guidance, dropout_rng=rngs[k - 1]).astype(cd)
+      out[f"feat{s}x"] = x
+    fix = self.fixup_proj(dropout2d(x, 0.2, rngs[-1]))
+    out[f"feat{self.scale}x"] = x + _scaled(fix, _TENTH)
+    return out

@@ -1,0 +1,229 @@
+"""adaptive_conv (FeatUp AdaptiveConv, NHWC): xla reference vs an independent torch unfold
+reference, its explicit VJP vs autodiff and finite differences, the Pallas kernels (TPU and
+GPU, interpret mode) vs xla, the official-grad-bug flag, and shape validation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from hiwin_jax.kernels import adaptive_conv, adaptive_conv_sharded
+from hiwin_jax.kernels import adaptive_conv_pallas_gpu as kgpu
+from hiwin_jax.kernels import adaptive_conv_pallas_tpu as ktpu
+from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS
+from numerics import assert_close
+
+TOL = 1e-6
+
+
+def _inputs(b, h, w, c, seed=0, dtype=jnp.float32):
+  """Standard-normal xpad [B, H+6, W+6, C] (in `dtype`), filters and cotangent (f32)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape, np.float32)
+  xpad = jnp.asarray(normal(b, h + 6, w + 6, c)).astype(dtype)
+  return xpad, jnp.asarray(normal(b, h, w, 49)), jnp.asarray(normal(b, h, w, c))
+
+
+@functools.cache
+def _xla_case(b, h, w, c, seed=0):
+  """(xpad, filters, g) and the xla impl's (out, grad_x, grad_filters), computed once."""
+  xpad, filters, g = _inputs(b, h, w, c, seed)
+  return (xpad, filters, g), _vjp(functools.partial(adaptive_conv, impl="xla"), xpad, filters, g)
+
+
+def _torch_unfold_reference(xpad, filters):
+  """out = sum_t F[..., t] * unfold(x)[..., t] with torch.nn.functional.unfold, in float64."""
+  torch = pytest.importorskip("torch")
+  x = torch.from_numpy(np.asarray(xpad, np.float64)).permute(0, 3, 1, 2)   # NCHW
+  bsz, c, hp, wp = x.shape
+  h, w = hp - 6, wp - 6
+  cols = torch.nn.functional.unfold(x, kernel_size=7).reshape(bsz, c, 49, h, w)
+  f = torch.from_numpy(np.asarray(filters, np.float64)).permute(0, 3, 1, 2)  # [B, 49, H, W]
+  return (cols * f[:, None]).sum(2).permute(0, 2, 3, 1).numpy()
+
+
+def _naive_jnp(xpad, filters):
+  """All 49 shifted copies stacked, then one einsum: obviously correct, memory-hungry."""
+  h, w = filters.shape[1:3]
+  cols = jnp.stack([xpad[:, a:a + h, b:b + w, :] for a in range(7) for b in range(7)], axis=3)
+  return jnp.einsum("nhwtc,nhwt->nhwc", cols, filters, precision=jax.lax.Precision.HIGHEST)
+
+
+def _vjp(fn, xpad, filters, g):
+  out, pullback = jax.vjp(fn, xpad, filters)
+  return (out, *pullback(g))
+
+
+# ----------------------------------------------------------------------------- xla
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("shape", [(2, 10, 7, 5), (1, 4, 80, 3)])
+def test_xla_forward_matches_torch_unfold_reference(shape):
+  (xpad, filters, _), (out, _, _) = _xla_case(*shape)
+  assert out.dtype == jnp.float32 and out.shape == shape
+  assert_close(out, _torch_unfold_reference(xpad, filters), TOL, f"xla forward {shape}")
+
+
+@pytest.mark.parametrize("shape", [(2, 10, 7, 5), (1, 4, 80, 3)])
+def test_xla_gradients_match_autodiff_of_naive_formulation(shape):
+  (xpad, filters, g), got = _xla_case(*shape)
+  want = _vjp(_naive_jnp, xpad, filters, g)
+  for name, a, e in zip(("out", "grad_x", "grad_filters"), got, want):
+    assert a.shape == e.shape and a.dtype == e.dtype, (name, a.shape, a.dtype, e.shape, e.dtype)
+    assert_close(a, e, TOL, f"xla {name} {shape}")
+
+
+def test_xla_gradients_match_finite_differences_in_float64():
+  with jax.enable_x64(True):
+    xpad, filters, _ = _inputs(1, 3, 2, 2, seed=1, dtype=jnp.float64)
+    filters = filters.astype(jnp.float64)
+    fn = functools.partial(adaptive_conv, impl="xla")
+    assert fn(xpad, filters).dtype == jnp.float64
+    check_grads(fn, (xpad, filters), order=1, modes=("rev",), atol=1e-7, rtol=1e-7)
+
+
+def test_cotangent_dtypes_match_primal_dtypes():
+  xpad, filters, g = _inputs(2, 5, 6, 4, dtype=jnp.bfloat16)
+  out, gx, gf = _vjp(functools.partial(adaptive_conv, impl="xla"), xpad, filters, g)
+  assert (out.dtype, gx.dtype, gf.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+  # bf16 input, f32 accumulation: same as the f32 path fed the same (upcast) values.
+  assert_close(out, adaptive_conv(xpad.astype(jnp.float32), filters, impl="xla"), TOL, "bf16 fwd")
+
+
+def test_auto_is_xla_on_cpu_and_works_under_jit_grad():
+  (xpad, filters, g), (want_out, want_gx, want_gf) = _xla_case(2, 5, 6, 4)
+  assert_close(adaptive_conv(xpad, filters), want_out, 0.0, "auto")
+  loss = lambda x, f: jnp.vdot(g, adaptive_conv(x, f))
+  gx, gf = jax.jit(jax.grad(loss, argnums=(0, 1)))(xpad, filters)
+  assert_close(gx, want_gx, TOL, "jit grad_x")
+  assert_close(gf, want_gf, TOL, "jit grad_filters")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_sharded_helper_matches_unsharded_on_batch_sharded_inputs(impl):
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:2])
+  (xpad, filters, g), want = _xla_case(2, 5, 6, 4)
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  xpad, filters, g = jax.device_put((xpad, filters, g), batch)
+  fn = functools.partial(adaptive_conv_sharded, mesh=mesh, batch_axis="data", impl=impl,
+                         interpret=True)
+  got = jax.jit(functools.partial(_vjp, fn))(xpad, filters, g)
+  for name, a, e in zip(("out", "grad_x", "grad_filters"), got, want):
+    assert a.sharding.is_equivalent_to(batch, a.ndim), (name, a.sharding)
+    assert_close(a, e, TOL, f"sharded {impl} {name}")
+
+
+# ----------------------------------------------------------------------------- bug compat
+
+
+def test_official_grad_bug_zeroes_exactly_42_taps_and_keeps_grad_x():
+  (xpad, filters, g), (_, gx, gf) = _xla_case(2, 5, 6, 4)
+  _, gx_bug, gf_bug = _vjp(functools.partial(adaptive_conv, impl="xla", official_grad_bug=True),
+                           xpad, filters, g)
+  assert BUGGY_GRAD_TAPS == (0, 1, 4, 9, 16, 25, 36)
+  kept = np.zeros(49, bool)
+  kept[list(BUGGY_GRAD_TAPS)] = True
+  gf, gf_bug = np.asarray(gf), np.asarray(gf_bug)
+  assert np.all(gf_bug[..., ~kept] == 0.0), "the 42 taps the CUDA kernel never writes must be 0"
+  assert np.count_nonzero(gf[..., ~kept]) == gf[..., ~kept].size   # they are nonzero normally
+  np.testing.assert_array_equal(gf_bug[..., kept], gf[..., kept])
+  np.testing.assert_array_equal(np.asarray(gx_bug), np.asarray(gx))
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+@pytest.fixture(scope="module")
+def small_case():
+  """H=6, W=9, C=8: one block in every grid dim but the batch."""
+  return _xla_case(1, 6, 9, 8, seed=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_custom_vjp_matches_xla_in_interpret_mode(impl, small_case):
+  (xpad, filters, g), want = small_case
+  got = _vjp(functools.partial(adaptive_conv, impl=impl, interpret=True), xpad, filters, g)
+  for name, a, e in zip(("out", "grad_x", "grad_filters"), got, want):
+    assert a.dtype == e.dtype, (name, a.dtype, e.dtype)
+    assert_close(a, e, TOL, f"{impl} {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels,blocks", [(ktpu, dict(th=4, tc=128)), (kgpu, dict(tw=8, tc=128))],
+                         ids=["pallas_tpu", "pallas_gpu"])
+def test_pallas_kernels_cross_block_boundaries_in_interpret_mode(kernels, blocks):
+  """C=130 crosses a lane tile (2 channel blocks, the second mostly padding); H=5 is not a
+  multiple of th=4 (TPU) and W=9 not a multiple of tw=8 (GPU)."""
+  (xpad, filters, g), (want_out, want_gx, want_gf) = _xla_case(1, 5, 9, 130, seed=3)
+  got = {
+      "out": kernels.forward(xpad, filters, interpret=True, **blocks),
+      "grad_x": kernels.grad_x(g, filters, interpret=True, **blocks),
+      "grad_filters": kernels.grad_f(g, xpad, interpret=True, **blocks),
+  }
+  want = {"out": want_out, "grad_x": want_gx, "grad_filters": want_gf}
+  for name in got:
+    assert_close(got[name], want[name], TOL, f"{kernels.__name__} {name} {blocks}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("xshape,fshape", [
+    ((2, 16, 13, 5), (2, 10, 8, 49)),     # W mismatch
+    ((2, 16, 13, 5), (1, 10, 7, 49)),     # batch mismatch
+    ((2, 16, 13, 5), (2, 10, 7, 9)),      # not 49 taps
+    ((2, 6, 13, 5), (2, 0, 7, 49)),       # H = 0
+    ((2, 16, 5, 5), (2, 10, 0, 49)),      # W < 1 (xpad narrower than the 7-tap window)
+    ((16, 13, 5), (10, 7, 49)),           # no batch dim
+])
+def test_bad_shapes_raise_value_error_naming_both_shapes(xshape, fshape):
+  fshape = tuple(max(d, 0) for d in fshape)
+  with pytest.raises(ValueError) as err:
+    adaptive_conv(jnp.zeros(xshape, jnp.float32), jnp.zeros(fshape, jnp.float32))
+  assert str(xshape) in str(err.value) and str(fshape) in str(err.value), err.value
+
+
+def test_unknown_impl_raises():
+  xpad, filters = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 2, 2, 49))
+  with pytest.raises(ValueError, match="impl"):
+    adaptive_conv(xpad, filters, impl="cuda")
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+def _kernel_args(b, h, w, c, dtype, sharding=None):
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  x, f = sds((b, h + 6, w + 6, c), dtype), sds((b, h, w, 49), jnp.float32)
+  g = sds((b, h, w, c), dtype)
+  return {"forward": (x, f), "grad_x": (g, f), "grad_f": (g, x)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_kernels_lower_to_triton_off_device(dtype):
+  """Pallas -> Triton IR runs in jax itself (power-of-2 rule included); PTX is not built."""
+  for name, args in _kernel_args(2, 5, 9, 130, dtype).items():
+    lowered = jax.jit(getattr(kgpu, name)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "xla.gpu.triton" in lowered.as_text(), name
+
+
+@pytest.mark.tpu_aot
+def test_pallas_tpu_kernels_compile_for_an_abstract_v5p(monkeypatch):
+  """Mosaic compiles (tiling and layout rules) with libtpu on CPU; interpret mode cannot
+  show that. Needs the libtpu wheel matching jax (libtpu==0.0.42.* for jax 0.10.2)."""
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+  monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
+  devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
+  sharding = jax.sharding.SingleDeviceSharding(devices[0])
+  for shape in [(2, 10, 7, 5), (1, 5, 9, 130), (1, 48, 48, 1024)]:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for name, args in _kernel_args(*shape, dtype, sharding).items():
+        jax.jit(getattr(ktpu, name)).lower(*args).compile()
