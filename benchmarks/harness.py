@@ -1,0 +1,64 @@
+"""Shared benchmark plumbing: each measured case runs in a fresh process (so peak RSS is its own),
+then the parent prints one table with the machine named."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `fn()` over `repeats` runs after one warm-up (compilation) run."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def report_child(name: str, seconds: float | None, **extra) -> None:
+  """Prints this process's result line (peak RSS in MB) for the parent to collect."""
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps({"name": name, "seconds": seconds, "peak_mb": peak_mb, **extra}))
+
+
+def run_children(script: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:
+  rows = {}
+  for name in names:
+    out = subprocess.run([sys.executable, script, "--child", "--only", name, *extra_args],
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    if out.returncode:
+      rows[name] = {"name": name, "seconds": None, "peak_mb": None,
+                    "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+      continue
+    rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  return rows
+
+
+def machine() -> str:
+  model = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+  except OSError:
+    pass
+  return f"{model or platform.machine()}, {os.cpu_count()} cores"
+
+
+def print_table(rows: dict[str, dict], repeats: int) -> None:
+  print(f"machine: {machine()}; median of {repeats} runs after a warm-up")
+  print(f"{'case':<28}{'seconds':>10}{'peak MB':>10}")
+  for name, r in rows.items():
+    if r.get("error"):
+      print(f"{name:<28}{'failed':>10}{'':>10}  {r['error']}")
+    else:
+      print(f"{name:<28}{r['seconds']:>10.3f}{r['peak_mb']:>10.0f}")
