@@ -14,4 +14,6 @@ def get_config():
              max_position_embeddings=32768, qkv_bias=True, tie_embeddings=False,
              bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
              remat="minimal_with_context")
+  # R2 (branch HEAD) checkpoints: per-slice separators, levels {1x, 4x} (spec §0.1, §4.1).
+  cfg.model.projector.update(layout="r2", feature_scale_mask=5)
   return cfg

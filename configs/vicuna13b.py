@@ -11,4 +11,6 @@ def get_config():
   llm = cfg.model.llm
   llm.update(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
              mlp_dim=13824, remat="minimal_with_context")
+  # R2 (branch HEAD) checkpoints: per-slice separators, levels {1x, 4x} (spec §0.1, §4.1).
+  cfg.model.projector.update(layout="r2", feature_scale_mask=5)
   return cfg

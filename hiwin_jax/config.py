@@ -39,6 +39,31 @@ def llm_config() -> ConfigDict:
   ))
 
 
+def projector_config() -> ConfigDict:
+  """VDIM (JBU) + Hiwin projector, official-spec §3-§5. None = derived from the towers:
+  embed_dim = LLM width, kv_dim = ViT width, num_heads = embed_dim // 128."""
+  return ConfigDict(dict(
+      embed_dim=None, kv_dim=None, num_heads=None, grid_size=12,
+      feature_scale_mask=7,   # bits 1/2/4 = levels 1x/2x/4x (the 7B config.json says which)
+      layout="r1",            # r1: the released 7B token layout; r2: 13B / Qwen2 (branch HEAD)
+      jbu_scale=4, conv_impl="xla",
+  ))
+
+
+def resolved_projector(model: ConfigDict) -> ConfigDict:
+  """The projector config with the derived fields filled in from the towers."""
+  p = ConfigDict(model.projector.to_dict())
+  if p.embed_dim is None:
+    p.embed_dim = model.llm.hidden_size
+  if p.kv_dim is None:
+    p.kv_dim = model.vision.hidden_size
+  if p.num_heads is None:
+    p.num_heads = p.embed_dim // 128
+  if p.embed_dim % p.num_heads:
+    raise ValueError(f"projector embed_dim {p.embed_dim} is not divisible by {p.num_heads} heads")
+  return p
+
+
 def precision_config() -> ConfigDict:
   """Parameters in `param_dtype`, compute in `dtype`; `matmul_precision` for fp32 matmuls."""
   return ConfigDict(dict(dtype="float32", param_dtype="float32", matmul_precision="default"))
@@ -73,7 +98,7 @@ def base_config() -> ConfigDict:
   cfg.name = "base"
   cfg.seed = 0
   cfg.model = ConfigDict(dict(vision=vision_config(), llm=llm_config(),
-                              precision=precision_config()))
+                              projector=projector_config(), precision=precision_config()))
   cfg.mesh = mesh_config()
   return cfg
 

@@ -1,0 +1,1 @@
+"""Host-side data code (numpy/PIL only, no jax): slicing, images, text, token layout."""
