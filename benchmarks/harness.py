@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -14,21 +13,29 @@ import time
 from typing import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-  """Median wall time of `fn()` over `repeats` runs after one warm-up (compilation) run."""
+def _rss_mb(field: str) -> float:
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith(field)) / 1024
+
+
+def measure(fn: Callable[[], object], repeats: int) -> dict:
+  """Median wall time of `fn()` over `repeats` runs after one warm-up (compilation) run, and the
+  peak resident memory during the timed runs (the high-water mark is reset after the warm-up, so
+  set-up transients such as random initialisation do not count; inputs and weights do)."""
   fn()
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM (Linux)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return {"seconds": statistics.median(times), "peak_mb": _rss_mb("VmHWM:")}
 
 
-def report_child(name: str, seconds: float | None, **extra) -> None:
-  """Prints this process's result line (peak RSS in MB) for the parent to collect."""
-  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(json.dumps({"name": name, "seconds": seconds, "peak_mb": peak_mb, **extra}))
+def report_child(name: str, result: dict) -> None:
+  """Prints this process's result line for the parent to collect."""
+  print(json.dumps({"name": name, **result}))
 
 
 def run_children(script: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:

@@ -8,7 +8,7 @@ Workload: C = 1024, 7 slices of 24x24 ViT features -> 48x48 -> 96x96 (guidance: 
 scalar loss w.r.t. the source features and every JBU parameter (what VDIM pre-training needs).
 PyTorch cases: `shift` accumulates the 49 shifted slices (memory-lean); `unfold` is FeatUp's
 pure-PyTorch fallback (F.unfold materialises 49 copies of the upsampled map; it is run one slice
-at a time, since all 7 at once need ~13 GB for the 4x step alone).
+at a time, since all 7 at once need ~13 GB for the 4x step alone). Peak memory: see harness.py.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median_time, print_table, report_child, run_children  # noqa: E402
+from harness import measure, print_table, report_child, run_children  # noqa: E402
 
 C, SLICES, GRID = 1024, 7, 24
 CASES = ["jax-fwd", "jax-fwdbwd", "torch_shift-fwd", "torch_shift-fwdbwd", "torch_unfold-fwd",
          "torch_unfold-fwdbwd"]
 
 
-def run_jax(backward: bool, repeats: int) -> float:
+def run_jax(backward: bool, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -44,7 +44,7 @@ def run_jax(backward: bool, repeats: int) -> float:
     step = jax.jit(jax.grad(lambda st, x: jnp.sum(forward(st, x) ** 2), argnums=(0, 1)))
   else:
     step = jax.jit(forward)
-  return median_time(lambda: jax.block_until_ready(step(state, source)), repeats)
+  return measure(lambda: jax.block_until_ready(step(state, source)), repeats)
 
 
 def torch_jbu_stack(conv: str):
@@ -105,7 +105,7 @@ def torch_jbu_stack(conv: str):
   return Stack()
 
 
-def run_torch(conv: str, backward: bool, repeats: int) -> float:
+def run_torch(conv: str, backward: bool, repeats: int) -> dict:
   import torch
   torch.manual_seed(0)
   model = torch_jbu_stack(conv).eval()
@@ -120,7 +120,7 @@ def run_torch(conv: str, backward: bool, repeats: int) -> float:
       with torch.no_grad():
         model(source, pixels)
 
-  return median_time(step, repeats)
+  return measure(step, repeats)
 
 
 def main():
@@ -132,9 +132,9 @@ def main():
   if args.child:
     impl, mode = args.only.split("-")
     backward = mode == "fwdbwd"
-    seconds = (run_jax(backward, args.repeats) if impl == "jax"
-               else run_torch(impl.split("_")[1], backward, args.repeats))
-    return report_child(args.only, seconds)
+    result = (run_jax(backward, args.repeats) if impl == "jax"
+              else run_torch(impl.split("_")[1], backward, args.repeats))
+    return report_child(args.only, result)
   rows = run_children(__file__, [args.only] if args.only else CASES,
                       ["--repeats", str(args.repeats)])
   print_table(rows, args.repeats)

@@ -9,7 +9,8 @@ Workloads (fp32, random weights, inference, no gradients):
   llm:  a ~1.1B LLaMA (TinyLlama geometry: 22 layers, width 2048, GQA 32/4, MLP 5632,
         vocab 32000) on 1 x 512 tokens, full logits.
 Time is the median of `--repeats` runs after one warm-up (JAX: compiled). Peak memory is the
-process's maximum resident set size, so it includes the framework itself.
+process's resident high-water mark during the timed runs (weights, inputs, activations and the
+framework itself; set-up transients before the warm-up are excluded).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median_time, print_table, report_child, run_children  # noqa: E402
+from harness import measure, print_table, report_child, run_children  # noqa: E402
 
 LLM = dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
            head_dim=64, mlp_dim=5632)
@@ -48,7 +49,7 @@ def run_jax(which, repeats):
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   state = jax.jit(lambda: nnx.state(make()))()
   fwd = jax.jit(lambda st, *x: call(nnx.merge(graphdef, st), *x))
-  return median_time(lambda: jax.block_until_ready(fwd(state, *inputs)), repeats)
+  return measure(lambda: jax.block_until_ready(fwd(state, *inputs)), repeats)
 
 
 def run_torch(which, repeats):
@@ -70,7 +71,7 @@ def run_torch(which, repeats):
       ids = torch.randint(0, LLM["vocab_size"], (1, TOKENS))
       call = lambda: model(input_ids=ids).logits
   with torch.inference_mode():
-    return median_time(call, repeats)
+    return measure(call, repeats)
 
 
 def main():

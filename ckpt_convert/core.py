@@ -62,6 +62,13 @@ class KeyTable:
     return keys
 
 
+def prefixed(table: KeyTable, ours: str = "", torch: str = "") -> KeyTable:
+  """`table` with `torch` prepended to every torch key and `ours` to every path (a tower's table
+  placed inside a bigger checkpoint and model)."""
+  return KeyTable(table.name, tuple(Rule(torch + r.torch, ours + r.ours, r.transform)
+                                    for r in table.rules), table.ignore)
+
+
 class TensorSource(Protocol):
   def keys(self) -> Sequence[str]: ...
   def get(self, key: str) -> np.ndarray: ...

@@ -173,6 +173,11 @@ def read_torch_tensors(path: str | os.PathLike,
   return out
 
 
+def save_torch_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+  """`torch.save` of a plain {key: tensor} dict (the layout of `mm_projector.bin`)."""
+  _torch().save({k: _to_tensor(v) for k, v in tensors.items()}, os.fspath(path))
+
+
 def write_vdim_ckpt(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,
                     epoch: int = 0, global_step: int = 0) -> None:
   """Saves `state_dict` (key -> numpy array) as a Lightning-layout `.ckpt` with `torch.save`.
@@ -190,7 +195,7 @@ def write_vdim_ckpt(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray
 
 
 def import_vdim(path: str | os.PathLike, precision, feat_dim: int = 1024, scale: int = 4,
-                prefix: str = UPSAMPLER_PREFIX, conv_impl: str = "auto"):
+                prefix: str = UPSAMPLER_PREFIX, conv_impl: str = "xla"):
   """A `JBUStack` with the weights of a VDIM `.ckpt` (or, with `prefix=MM_PROJECTOR_PREFIX`, of
   an `mm_projector.bin`)."""
   from flax import nnx

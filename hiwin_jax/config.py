@@ -98,7 +98,9 @@ def base_config() -> ConfigDict:
   cfg.name = "base"
   cfg.seed = 0
   cfg.model = ConfigDict(dict(vision=vision_config(), llm=llm_config(),
-                              projector=projector_config(), precision=precision_config()))
+                              projector=projector_config(), precision=precision_config(),
+                              # tokenizer_model_max_length: the spliced sequence is cut here
+                              max_length=4096))
   cfg.mesh = mesh_config()
   return cfg
 
