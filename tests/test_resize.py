@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hiwin_jax.models import resize
-from tests.numerics import assert_close
+from tests.numerics import assert_close, max_rel_err
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -135,3 +135,66 @@ def test_reflect_pad(shape, pad):
 def test_reflect_pad_rejects_pad_not_smaller_than_size():
   with pytest.raises(ValueError, match=r"padding 3 .* size 3"):
     resize.reflect_pad(jnp.zeros((1, 3, 8, 1)), 3)
+
+
+# --- per-item (canvas) variants -----------------------------------------------------------------
+
+# Item lengths in a 6x6 buffer: mixed sizes, a full one, the smallest torch accepts for pad 3
+# (length 4), and lengths torch rejects (0 = empty slot, 1, 3), which must only stay finite.
+CANVAS_HW = (6, 6)
+CANVAS_ITEMS = [(5, 4), (3, 6), (6, 6), (4, 4), (0, 0), (1, 3)]
+
+
+def _canvas(items, hw, channels, seed, junk=7.0):
+  """[N, *hw, C] random items at the top-left, `junk` elsewhere (a value no item contains)."""
+  x = np.full((len(items), *hw, channels), junk, np.float32)
+  for n, (h, w) in enumerate(items):
+    x[n, :h, :w] = _rand((h, w, channels), seed + n)
+  return x
+
+
+def test_reflect_pad_per_item_matches_torch_on_each_item_alone():
+  pad = 3
+  x = _canvas(CANVAS_ITEMS, CANVAS_HW, 2, seed=20)
+  valid = jnp.asarray(CANVAS_ITEMS, jnp.int32)
+  got = np.asarray(jax.jit(lambda x, v: resize.reflect_pad_per_item(x, pad, v))(x, valid))
+  assert got.shape == (len(CANVAS_ITEMS), CANVAS_HW[0] + 2 * pad, CANVAS_HW[1] + 2 * pad, 2)
+  for n, (h, w) in enumerate(CANVAS_ITEMS):
+    if min(h, w) > pad:
+      ref = _nhwc(F.pad(_nchw(x[n:n + 1, :h, :w]), (pad,) * 4, mode="reflect"))[0]
+      np.testing.assert_array_equal(got[n, :h + 2 * pad, :w + 2 * pad], ref, f"item {h}x{w}")
+  assert np.isfinite(got).all()  # including the lengths torch rejects (0, 1, 3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upsample2x_bicubic_matches_torch_on_each_item_alone(dtype):
+  x = jnp.asarray(_canvas(CANVAS_ITEMS, CANVAS_HW, 3, seed=30), dtype)
+  got = jax.jit(resize.upsample2x_bicubic)(x, jnp.asarray(CANVAS_ITEMS, jnp.int32))
+  assert got.shape == (len(CANVAS_ITEMS), 12, 12, 3) and got.dtype == dtype
+  got = np.asarray(got.astype(jnp.float32))
+  assert np.isfinite(got).all()
+  worst = 0.0
+  for n, (h, w) in enumerate(CANVAS_ITEMS):
+    if h == 0:
+      continue
+    item = _nchw(np.asarray(x[n:n + 1, :h, :w].astype(jnp.float32)))
+    if dtype == jnp.bfloat16:
+      item = item.bfloat16()
+    ref = _nhwc(F.interpolate(item, size=(2 * h, 2 * w), mode="bicubic", align_corners=False))
+    alone = np.asarray(resize.resize_bicubic(x[n:n + 1, :h, :w], (2 * h, 2 * w), fma=FMA)
+                       .astype(jnp.float32))
+    # The same arithmetic as the static path on the item alone, so the same bits.
+    np.testing.assert_array_equal(got[n:n + 1, :2 * h, :2 * w], alone, f"item {h}x{w}")
+    err, _ = max_rel_err(got[n:n + 1, :2 * h, :2 * w], ref)
+    worst = max(worst, err)
+    assert_close(got[n:n + 1, :2 * h, :2 * w], ref, 1e-6 if dtype == jnp.float32 else 1e-2,
+                 f"upsample2x item {h}x{w} vs torch")
+    assert np.all(got[n] != 7.0), f"item {h}x{w} read outside itself"
+  print(f"upsample2x_bicubic {jnp.dtype(dtype).name}: max rel err vs torch {worst:.2e}")
+
+
+def test_cubic_weights_of_an_exact_2x_do_not_depend_on_the_size():
+  for dtype in (np.float32, jnp.bfloat16):
+    _, big = resize.cubic_weights(40, 80, dtype)
+    for n in range(1, 40):
+      np.testing.assert_array_equal(resize.cubic_weights(n, 2 * n, dtype)[1], big[:2 * n])

@@ -6,6 +6,16 @@ nudged by a small MLP) applied to the bicubically upsampled features. `JBUStack`
 steps, pooling fresh guidance from the full-resolution pixels for each level, and adds a 1x1-conv
 fix-up to the last level only. Everything is NHWC.
 
+Canvas mode (`grid=` given): items of different patch grids share one padded canvas, item n at
+the top-left with its (h_n, w_n) a run-time value, so one compiled program serves a bucket of
+grids. Only three steps depend on the item's size, and those become per-item index maps: the
+reflect padding of the range keys and of the upsampled features mirrors at the item's border,
+and the bicubic x2 clamps its taps into the item (`resize.reflect_pad_per_item`,
+`resize.upsample2x_bicubic`). The guidance pooling needs no change: from 14h to s*h (s = 2, 4,
+8) torch's windows [floor(i 14/s), ceil((i+1) 14/s)) do not depend on h, so pooling the whole
+canvas gives every item its own pooling. Inside each item's valid region (s h_n, s w_n) the
+outputs are those of the item alone; elsewhere they are finite and meaningless.
+
 Precision: in float32 every step is float32. With a bfloat16 compute dtype the casts happen at
 exactly the points where the official bf16 projector casts (spec §3.6): inputs, pooling, range
 projection, logits and softmax in bf16 (statistics accumulated in float32, then rounded); `R * S`
@@ -25,7 +35,8 @@ from flax import nnx
 
 from hiwin_jax.kernels.adaptive_conv import adaptive_conv
 from hiwin_jax.models.layers import Linear, Precision, param
-from hiwin_jax.models.resize import adaptive_avg_pool2d, reflect_pad, resize_bicubic
+from hiwin_jax.models.resize import (adaptive_avg_pool2d, reflect_pad, reflect_pad_per_item,
+                                     resize_bicubic, upsample2x_bicubic)
 
 _F32 = jnp.float32
 _TENTH = np.float32(0.1)  # torch multiplies a bf16 tensor by the Python 0.1 in float32 opmath
@@ -86,6 +97,28 @@ def check_grid(h: int, w: int, what: str = "JBU source") -> None:
                      f"(reflect padding by 3 of the 2x upsampled {2 * h}x{2 * w} map needs >= 4)")
 
 
+def check_canvas_grid(grid, hc: int, wc: int) -> jax.Array:
+  """grid: [N, 2] int per-item (h, w) in an (hc, wc) canvas -> grid as int32.
+
+  The canvas must hold a valid item (`check_grid`). A concrete (host) grid is checked item by
+  item: each is an empty slot (0, 0) or has 2 <= h <= hc, 2 <= w <= wc. A traced grid cannot be
+  checked; the data pipeline must have run this check (or `check_grid`) on the host. An invalid
+  traced item (h or w < 2, where the official code crashes) still yields finite values, all
+  confined to its own batch row, which callers must ignore."""
+  check_grid(hc, wc, "JBU canvas")
+  if isinstance(grid, jax.core.Tracer):
+    return grid.astype(jnp.int32)
+  g = np.asarray(grid)
+  if g.ndim != 2 or g.shape[1] != 2:
+    raise ValueError(f"grid {g.shape} must be [N, 2] per-item (h, w)")
+  for n, (h, w) in enumerate(g.tolist()):
+    if (h, w) != (0, 0):
+      check_grid(h, w, f"JBU item {n}")
+      if h > hc or w > wc:
+        raise ValueError(f"JBU item {n} grid (h, w) = ({h}, {w}) exceeds the {hc}x{wc} canvas")
+  return jnp.asarray(g, jnp.int32)
+
+
 class JBULearnedRange(nnx.Module):
   """FeatUp's `JBULearnedRange(guidance_dim, feat_dim, key_dim, scale=2, radius)`: one 2x step.
 
@@ -118,13 +151,16 @@ class JBULearnedRange(nnx.Module):
     sigma = self.sigma_spatial[...].astype(self.precision.dtype)
     return jnp.exp(-jnp.asarray(d2) / (2 * sigma ** 2).astype(_F32))
 
-  def range_kernel(self, guidance: jax.Array, rng: jax.Array | None) -> jax.Array:
+  def range_kernel(self, guidance: jax.Array, rng: jax.Array | None,
+                   valid: jax.Array | None = None) -> jax.Array:
     """guidance: [B, H, W, 3] -> softmax over the 49 taps of tau * <key(y+a-3, x+b-3), key(y, x)>,
-    [B, H, W, 49] in the compute dtype."""
+    [B, H, W, 49] in the compute dtype. `valid`: [B, 2] per-item guidance (H, W) in canvas mode,
+    where the keys reflect at each item's border."""
     cd = self.precision.dtype
     keys = self.range_proj_3(dropout2d(_gelu(self.range_proj_0(guidance)), 0.1, rng))
     _, gh, gw, _ = keys.shape
-    padded = reflect_pad(keys, self.radius).astype(_F32)
+    padded = (reflect_pad(keys, self.radius) if valid is None
+              else reflect_pad_per_item(keys, self.radius, valid)).astype(_F32)
     d = self.diameter
     # neighbours[b, y, x, a, b', c] = padded[b, y+a, x+b', c], from 7 + 7 shifted slices; the
     # product-sum fuses into one reduction over key_dim. (49 separate slice-reductions give the
@@ -136,34 +172,48 @@ class JBULearnedRange(nnx.Module):
     tau = jnp.clip(jnp.exp(self.range_temp[...].astype(cd)), 1e-4, 1e4)
     return jax.nn.softmax((tau * logits).astype(_F32), axis=-1).astype(cd)
 
-  def filters(self, guidance: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """guidance: [B, H, W, 3] -> the adaptive-conv kernel [B, H, W, 49] float32, tap 7a+b."""
+  def filters(self, guidance: jax.Array, dropout_rng: jax.Array | None = None,
+              valid: jax.Array | None = None) -> jax.Array:
+    """guidance: [B, H, W, 3] -> the adaptive-conv kernel [B, H, W, 49] float32, tap 7a+b.
+    `valid`: [B, 2] per-item guidance (H, W) in canvas mode."""
     cd = self.precision.dtype
     guidance = guidance.astype(cd)
     rng_range, rng_fixup = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    kernel = self.range_kernel(guidance, rng_range).astype(_F32) * self.spatial_kernel()
+    kernel = self.range_kernel(guidance, rng_range, valid).astype(_F32) * self.spatial_kernel()
     kernel = kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-7)
     fix_in = jnp.concatenate([kernel.astype(cd), guidance], axis=-1)
     fix = self.fixup_proj_3(dropout2d(_gelu(self.fixup_proj_0(fix_in)), 0.1, rng_fixup))
     return kernel + _scaled(fix, _TENTH).astype(_F32)  # no renormalisation, as in the official
 
-  def __call__(self, source: jax.Array, guidance: jax.Array, *,
+  def __call__(self, source: jax.Array, guidance: jax.Array, *, grid: jax.Array | None = None,
                dropout_rng: jax.Array | None = None) -> jax.Array:
     """source: [B, h, w, C], guidance: [B, 2h, 2w, 3] -> [B, 2h, 2w, C] float32.
 
+    `grid`: [B, 2] int32 per-item (h_n, w_n) of the source (canvas mode, see the module
+    docstring): item n fills the top-left of its row of `source` and of `guidance` (2h_n, 2w_n);
+    its output's top-left (2h_n, 2w_n) is the output of the item alone, the rest finite filler.
     `dropout_rng` switches on the two Dropout2d(0.1) layers (training mode)."""
     b, h, w, c = source.shape
-    check_grid(h, w)
+    if grid is None:
+      check_grid(h, w)
+    else:
+      grid = check_canvas_grid(grid, h, w)
+      if grid.shape[0] != b:
+        raise ValueError(f"grid {grid.shape} must be [B, 2] for source {source.shape}")
     if c != self.feat_dim:
       raise ValueError(f"source {source.shape} has {c} channels, this JBU was built for "
                        f"feat_dim={self.feat_dim}")
     if guidance.shape[:3] != (b, 2 * h, 2 * w):
       raise ValueError(f"guidance {guidance.shape} must be [B, 2h, 2w, 3] = [{b}, {2 * h}, "
                        f"{2 * w}, 3] for source {source.shape}")
-    kernel = self.filters(guidance, dropout_rng)
-    upsampled = resize_bicubic(source.astype(self.precision.dtype), (2 * h, 2 * w))
-    padded = reflect_pad(upsampled, self.radius).astype(_F32)
-    return adaptive_conv(padded, kernel, impl=self.conv_impl)
+    source = source.astype(self.precision.dtype)
+    if grid is None:
+      kernel = self.filters(guidance, dropout_rng)
+      padded = reflect_pad(resize_bicubic(source, (2 * h, 2 * w)), self.radius)
+    else:
+      kernel = self.filters(guidance, dropout_rng, 2 * grid)
+      padded = reflect_pad_per_item(upsample2x_bicubic(source, grid), self.radius, 2 * grid)
+    return adaptive_conv(padded.astype(_F32), kernel, impl=self.conv_impl)
 
 
 class JBUStack(nnx.Module):
@@ -190,17 +240,25 @@ class JBUStack(nnx.Module):
                                               rngs=rngs))
     self.fixup_proj = _conv1x1(feat_dim, feat_dim, ("vision_embed", None), precision, rngs)
 
-  def __call__(self, source: jax.Array, pixels: jax.Array, *, dropout_rng: jax.Array | None = None,
+  def __call__(self, source: jax.Array, pixels: jax.Array, *, grid: jax.Array | None = None,
+               dropout_rng: jax.Array | None = None,
                hierarchical: bool = False) -> dict[str, jax.Array]:
     """source: [B, h, w, C] ViT features, pixels: [B, 14h, 14w, 3] normalised image ->
     {"feat2x": [B, 2h, 2w, C], "feat4x": [B, 4h, 4w, C], ...} up to `scale`, compute dtype.
 
+    `grid`: [B, 2] int32 per-item patch grids (h_n, w_n), traced is fine (canvas mode, see the
+    module docstring): `source` and `pixels` are canvases with item n at the top-left, (0, 0)
+    marks an empty slot. Each level's top-left (s h_n, s w_n) is the item's own output, the rest
+    finite filler to be ignored (and masked out of any loss).
     `dropout_rng` switches on every Dropout2d (training mode). `hierarchical=True` is VDIM
     pre-training's `forward_stageloss`: each level sees its input through stop_gradient, so the
     loss on a level trains only that level (and the fix-up)."""
     cd = self.precision.dtype
     _, h, w, _ = source.shape
-    check_grid(h, w)
+    if grid is None:
+      check_grid(h, w)
+    else:
+      grid = check_canvas_grid(grid, h, w)
     rngs = ([None] * (self.num_levels + 1) if dropout_rng is None
             else list(jax.random.split(dropout_rng, self.num_levels + 1)))
     pixels = pixels.astype(cd)
@@ -210,7 +268,9 @@ class JBUStack(nnx.Module):
       s = 2 ** k
       guidance = adaptive_avg_pool2d(pixels, (s * h, s * w))  # always from the full-res pixels
       inp = jax.lax.stop_gradient(x) if hierarchical and k > 1 else x
-      x = getattr(self, f"up{k}")(inp, guidance, dropout_rng=rngs[k - 1]).astype(cd)
+      level_grid = None if grid is None else grid * (s // 2)
+      x = getattr(self, f"up{k}")(inp, guidance, grid=level_grid,
+                                  dropout_rng=rngs[k - 1]).astype(cd)
       out[f"feat{s}x"] = x
     fix = self.fixup_proj(dropout2d(x, 0.2, rngs[-1]))
     out[f"feat{self.scale}x"] = x + _scaled(fix, _TENTH)

@@ -231,3 +231,105 @@ def reflect_pad(x: jax.Array, pad: int | Sequence[int],
       raise ValueError(f"reflect padding {p} must be smaller than the axis size {size} (axis {ax})")
     widths[ax % x.ndim] = (p, p)
   return jnp.pad(x, widths, mode="reflect")
+
+
+# --- per-item ("canvas") variants --------------------------------------------------------------
+# Items of different sizes share one padded canvas, each at the start of its batch row's spatial
+# axes, with its valid length per axis a run-time value. These variants make the size-dependent
+# parts per item so one compiled program serves every size: inside an item's valid region they
+# give exactly what the static function gives on the item alone; outside it, finite values that
+# callers must ignore (or mask out of a loss). They use elementwise selects and a few-row gather
+# per item rather than full-map gathers, so the backward pass has no colliding scatter-adds
+# (atomics on GPU) and costs about what the static path's does.
+
+
+def _valid_lengths(valid, batch: int, naxes: int) -> jax.Array:
+  valid = jnp.asarray(valid, jnp.int32)
+  if valid.shape != (batch, naxes):
+    raise ValueError(f"valid lengths {valid.shape} must be [batch, {naxes}] = [{batch}, {naxes}]")
+  return valid
+
+
+def _position(x: jax.Array, axis: int) -> jax.Array:
+  """Indices along `axis`, shaped to broadcast against x."""
+  shape = [1] * x.ndim
+  shape[axis] = x.shape[axis]
+  return jnp.arange(x.shape[axis], dtype=jnp.int32).reshape(shape)
+
+
+def _row_per_item(x: jax.Array, row: jax.Array, axis: int) -> jax.Array:
+  """x[n] at index row[n] along `axis` (kept, length 1); row: [B] int32, in range."""
+  shape = [1] * x.ndim
+  shape[0] = x.shape[0]
+  return jnp.take_along_axis(x, row.reshape(shape), axis=axis, mode="clip")
+
+
+def _per_item(valid: jax.Array, ndim: int) -> jax.Array:
+  return valid.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def replicate_edge_per_item(x: jax.Array, valid, axes: Sequence[int] = (-3, -2)) -> jax.Array:
+  """Item n's last valid row (column, ...) repeated over the rest of each of `axes`.
+
+  x: [B, ...] with item n at the start of `axes`, valid: [B, len(axes)] int32 lengths (traced is
+  fine) -> x's shape. A static resampler that clamps its taps into [0, size - 1] (torch's
+  bicubic, `cubic_weights`) then reads `x[n][clamp(j, 0, length_n - 1)]` at every tap j, which
+  is the clamp it does on the item alone. A length of 0 repeats index 0.
+  """
+  valid = _valid_lengths(valid, x.shape[0], len(axes))
+  for k, ax in enumerate(axes):
+    ax = ax % x.ndim
+    last = jnp.clip(valid[:, k] - 1, 0, x.shape[ax] - 1)
+    inside = _position(x, ax) < _per_item(valid[:, k], x.ndim)
+    x = jnp.where(inside, x, _row_per_item(x, last, ax))
+  return x
+
+
+def reflect_pad_per_item(x: jax.Array, pad: int, valid, axes: Sequence[int] = (-3, -2)
+                         ) -> jax.Array:
+  """`F.pad(x[n][:h_n, :w_n], (pad,) * 4, mode='reflect')` for every item n of batch axis 0.
+
+  x: [B, ..., H, ..., W, ...] with item n's data at the start of each of `axes`; valid: [B,
+  len(axes)] int32 per-item lengths (traced is fine), each in [pad + 1, size] as torch requires.
+  Returns x with each of `axes` grown by 2 * pad, item n's padded map at the start. The leading
+  `pad` entries mirror entries 1..pad whatever the length; the `pad` entries after an item,
+  length - 2 - k, are placed per item. Everything else is the buffer itself (or zeros past it).
+  A length torch rejects (<= pad, including 0) reads in-buffer entries: finite values.
+  """
+  pad = int(pad)
+  valid = _valid_lengths(valid, x.shape[0], len(axes))
+  for k, ax in enumerate(axes):
+    ax = ax % x.ndim
+    size = x.shape[ax]
+    if pad >= size:  # the leading reflection reads entries 1..pad
+      raise ValueError(f"reflect padding {pad} must be smaller than the axis size {size} "
+                       f"(axis {ax})")
+    length = _per_item(valid[:, k], x.ndim)
+    lead = jnp.flip(jax.lax.slice_in_dim(x, 1, pad + 1, axis=ax), axis=ax)
+    widths = [(0, 0)] * x.ndim
+    widths[ax] = (0, pad)
+    body = jnp.pad(x, widths)
+    pos = _position(body, ax)
+    for j in range(pad):  # entry length + j mirrors entry length - 2 - j
+      src = jnp.clip(valid[:, k] - 2 - j, 0, jnp.clip(valid[:, k] - 1, 0, size - 1))
+      body = jnp.where(pos == length + j, _row_per_item(x, src, ax), body)
+    x = jnp.concatenate([lead, body], axis=ax)
+  return x
+
+
+def upsample2x_bicubic(x: jax.Array, valid, axes: Sequence[int] = (-3, -2),
+                       fma: bool = True) -> jax.Array:
+  """`F.interpolate(x[n][:h_n, :w_n], size=(2 h_n, 2 w_n), mode='bicubic', align_corners=False,
+  antialias=False)` for every item n of batch axis 0, computed on the whole buffer.
+
+  x: [B, ..., H, ..., W, ...] with item n at the start of `axes`; valid: [B, 2] int32 (h_n, w_n),
+  traced is fine -> [B, ..., 2H, ..., 2W, ...], item n's result in the top-left (2h_n, 2w_n).
+  An exact x2 has scale in/out = 1/2 for every size, so the source positions (i + 0.5) / 2 - 0.5
+  and the tap weights are the same for every item (rows of `cubic_weights(H, 2H)`); only the
+  clamping of the taps into [0, h_n - 1] is per item, and replicating each item's edge
+  (`replicate_edge_per_item`) turns the static clamp into that. So this is `resize_bicubic` on
+  the replicated buffer: the same arithmetic, weights and order as on the item alone.
+  """
+  x = replicate_edge_per_item(x, valid, axes)
+  ax_h, ax_w = (a % x.ndim for a in axes)
+  return resize_bicubic(x, (2 * x.shape[ax_h], 2 * x.shape[ax_w]), axes, fma)
