@@ -55,10 +55,11 @@ class KeyTable:
   rules: tuple[Rule, ...]
   ignore: tuple[str, ...] = ()  # substrings of torch keys to skip (non-persistent buffers)
 
-  def torch_keys(self, num_layers: int) -> list[str]:
+  def torch_keys(self, layers: Mapping[str, int]) -> list[str]:
+    """Every torch key, with `layers[rule.ours]` copies of each stacked rule."""
     keys = []
     for r in self.rules:
-      keys += [r.torch.format(i=i) for i in range(num_layers)] if r.stacked else [r.torch]
+      keys += [r.torch.format(i=i) for i in range(layers[r.ours])] if r.stacked else [r.torch]
     return keys
 
 
@@ -80,8 +81,14 @@ def _fmt(names: Sequence[str], limit: int = 12) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def check_keys(table: KeyTable, available: Sequence[str], num_layers: int, where: str) -> None:
-  expected = set(table.torch_keys(num_layers))
+def _layer_counts(table: KeyTable, shapes: Mapping[str, tuple]) -> dict[str, int]:
+  """Each stacked rule's layer count: the leading (`layers`) dim of its parameter."""
+  return {r.ours: shapes[r.ours][0] for r in table.rules if r.stacked}
+
+
+def check_keys(table: KeyTable, available: Sequence[str], layers: Mapping[str, int],
+               where: str) -> None:
+  expected = set(table.torch_keys(layers))
   have = set(available)
   missing = expected - have
   unexpected = {k for k in have - expected if not any(s in k for s in table.ignore)}
@@ -91,31 +98,31 @@ def check_keys(table: KeyTable, available: Sequence[str], num_layers: int, where
       parts.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
     if unexpected:
       parts.append(f"unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
-    raise CheckpointError(f"{where}: checkpoint does not match the {table.name} layout "
-                          f"({num_layers} layers): " + "; ".join(parts))
+    raise CheckpointError(f"{where}: checkpoint does not match the {table.name} layout of this "
+                          f"model: " + "; ".join(parts))
 
 
 def to_ours(table: KeyTable, source: TensorSource, target: Mapping[str, tuple[tuple, np.dtype]],
-            num_layers: int, where: str = "checkpoint") -> dict[str, np.ndarray]:
+            where: str = "checkpoint") -> dict[str, np.ndarray]:
   """Reads every tensor of `source` into arrays of our layout.
 
-  `target` maps our path -> (shape, dtype) (from `nnx.eval_shape` of the model). Each torch tensor
-  is read, transformed, checked and written into its place, then dropped.
+  `target` maps our path -> (shape, dtype) (from `nnx.eval_shape` of the model); stacked rules
+  read as many layers as the parameter's leading dimension. Each torch tensor is read,
+  transformed, checked and written into its place, then dropped.
   """
-  check_keys(table, source.keys(), num_layers, where)
   covered = {r.ours for r in table.rules}
   if covered != set(target):
     raise CheckpointError(f"{table.name} table does not cover the model: "
                           f"unmapped model parameters {_fmt(set(target) - covered)}; "
                           f"table entries without a parameter {_fmt(covered - set(target))}")
+  check_keys(table, source.keys(),
+             _layer_counts(table, {k: shape for k, (shape, _) in target.items()}), where)
   out = {}
   for rule in table.rules:
     shape, dtype = target[rule.ours]
     per_layer = shape[1:] if rule.stacked else shape
-    if rule.stacked and shape[0] != num_layers:
-      raise CheckpointError(f"{rule.ours}: model has {shape[0]} layers, checkpoint {num_layers}")
     dest = np.empty(shape, dtype)
-    for i in range(num_layers) if rule.stacked else [None]:
+    for i in range(shape[0]) if rule.stacked else [None]:
       key = rule.torch.format(i=i)
       value = rule.transform.to_ours(source.get(key))
       if value.shape != tuple(per_layer):
@@ -130,12 +137,12 @@ def to_ours(table: KeyTable, source: TensorSource, target: Mapping[str, tuple[tu
   return out
 
 
-def to_torch(table: KeyTable, params: Mapping[str, np.ndarray], num_layers: int,
+def to_torch(table: KeyTable, params: Mapping[str, np.ndarray],
              dtype: np.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (torch key, tensor) in table order; `dtype` casts on the way (e.g. to bfloat16)."""
   for rule in table.rules:
     value = params[rule.ours]
-    for i in range(num_layers) if rule.stacked else [None]:
+    for i in range(value.shape[0]) if rule.stacked else [None]:
       t = rule.transform.to_torch(value[i] if rule.stacked else value)
       yield rule.torch.format(i=i), (t.astype(dtype) if dtype is not None else t)
 

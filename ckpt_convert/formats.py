@@ -115,7 +115,7 @@ def params_from_source(fmt: str, source: core.TensorSource, cfg, dtype=None, pre
   if dtype is not None:
     dtype = np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     targets = {k: (shape, dtype) for k, (shape, _) in targets.items()}
-  return core.to_ours(f.table(cfg, prefix), source, targets, cfg.num_layers, where=where)
+  return core.to_ours(f.table(cfg, prefix), source, targets, where=where)
 
 
 def model_from_source(fmt: str, source: core.TensorSource, cfg, precision=None,
@@ -161,8 +161,8 @@ def export_params(fmt: str, params: dict[str, np.ndarray], cfg, folder: str | pa
   f = FORMATS[fmt]
   folder = pathlib.Path(folder)
   name = dtype or dtype_name(next(iter(params.values())).dtype)
-  write_sharded(folder, core.to_torch(f.table(cfg, f.prefixes[0]), params, cfg.num_layers,
-                                      np_dtype(dtype)), max_shard_bytes)
+  write_sharded(folder, core.to_torch(f.table(cfg, f.prefixes[0]), params, np_dtype(dtype)),
+                max_shard_bytes)
   (folder / "config.json").write_text(json.dumps(f.to_hf_config(cfg, name), indent=2))
   return folder
 

@@ -34,8 +34,8 @@ _FIELDS = (
 def clip_table(cfg_vision=None, prefix: str = HF_PREFIX, ours_prefix: str = "") -> KeyTable:
   """Torch key `prefix + <HF name>` <-> our path `ours_prefix + <param path>`.
 
-  The layout does not depend on the geometry; `cfg_vision` is accepted so every model's table is
-  built the same way (`to_ours`/`to_torch` take the layer count).
+  The layout does not depend on the geometry (layer counts come from the parameter shapes);
+  `cfg_vision` is accepted so every model's table is built the same way.
   """
   del cfg_vision
   layer = "encoder.layers.{i}."

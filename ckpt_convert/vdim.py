@@ -102,7 +102,7 @@ def jbu_arrays(tensors: Mapping[str, np.ndarray], targets: Mapping[str, tuple[tu
   arrays for `targets` (`core.param_targets(stack)`). Raises CheckpointError on a missing,
   unexpected or wrong-shaped key."""
   return to_ours(jbu_table(scale, prefix), DictSource(select_prefix(tensors, prefix)), targets,
-                 num_layers=0, where=where)
+                 where=where)
 
 
 def load_jbu(stack, tensors: Mapping[str, np.ndarray], prefix: str = UPSAMPLER_PREFIX,
@@ -114,7 +114,7 @@ def load_jbu(stack, tensors: Mapping[str, np.ndarray], prefix: str = UPSAMPLER_P
 def export_jbu(stack, prefix: str = UPSAMPLER_PREFIX, dtype=None) -> dict[str, np.ndarray]:
   """A `JBUStack`'s parameters under the official keys (`dtype` casts, e.g. to bfloat16)."""
   return {k: np.asarray(v, order="C")
-          for k, v in to_torch(jbu_table(stack.scale, prefix), model_params(stack), 0, dtype)}
+          for k, v in to_torch(jbu_table(stack.scale, prefix), model_params(stack), dtype)}
 
 
 # --- torch pickles --------------------------------------------------------------------------------

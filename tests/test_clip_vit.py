@@ -101,7 +101,7 @@ def hf(torch):
 def ours(hf):
   _, state, cfg = hf
   return load(cfg, core.to_ours(hf_clip.clip_table(cfg, prefix=""), core.DictSource(state),
-                                core.param_targets(abstract_tower(cfg)), cfg.num_layers))
+                                core.param_targets(abstract_tower(cfg))))
 
 
 def hf_features(torch, model, pixels_hwc, layer=-2):
@@ -155,7 +155,7 @@ def test_select_layer_indexes_hidden_states_like_hf(torch, hf, select_layer):
   model, state, cfg = hf
   cfg = vision_cfg(**{**cfg, "select_layer": select_layer})
   tower = load(cfg, core.to_ours(hf_clip.clip_table(cfg, prefix=""), core.DictSource(state),
-                                 core.param_targets(abstract_tower(cfg)), cfg.num_layers))
+                                 core.param_targets(abstract_tower(cfg))))
   pix = images(0)[(24, 24)]
   feats, _ = encode(tower, pix[None])
   assert_close(feats, hf_features(torch, model, pix, select_layer), TOL,
@@ -236,8 +236,8 @@ def test_conversion_round_trip_is_bit_exact(hf, prefix):
   state = _prefixed(state, prefix)
   table = hf_clip.clip_table(cfg, prefix=prefix)
   model = load(cfg, core.to_ours(table, core.DictSource(state),
-                                 core.param_targets(abstract_tower(cfg)), cfg.num_layers))
-  back = dict(core.to_torch(table, core.model_params(model), cfg.num_layers))
+                                 core.param_targets(abstract_tower(cfg))))
+  back = dict(core.to_torch(table, core.model_params(model)))
   assert set(back) == {k for k in state if "position_ids" not in k}
   for key, value in back.items():
     assert value.dtype == state[key].dtype and value.shape == state[key].shape, key

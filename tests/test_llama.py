@@ -161,7 +161,7 @@ def test_inputs_embeds_path_equals_ids_path(ours):
 def test_state_dict_round_trip_is_bit_exact(hf_models, ours, name):
   _, state, cfg = hf_models[name]
   table = hf_llama.llama_table(cfg)
-  exported = dict(core.to_torch(table, core.model_params(ours[name]), cfg.num_layers))
+  exported = dict(core.to_torch(table, core.model_params(ours[name])))
   expected_keys = set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
   assert set(exported) == expected_keys
   for key, value in exported.items():
