@@ -42,12 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
   conv = sub.add_parser(
       "convert", help="PyTorch/HF checkpoints <-> hiwin parameter checkpoints",
-      description="import: a HuggingFace folder (config.json + safetensors, sharded or not) -> a "
-                  "hiwin checkpoint folder (orbax params + hiwin_config.json). export: the reverse, "
-                  "loadable by transformers' from_pretrained. Converts tensor by tensor.")
+      description="import: a checkpoint folder (config.json + safetensors, sharded or not) -> a "
+                  "hiwin checkpoint folder (orbax params + hiwin_config.json). export: the reverse "
+                  "(loadable by the official code / transformers' from_pretrained). Converts "
+                  "tensor by tensor. For llava-uhd, --config supplies the ViT geometry, which the "
+                  "official config.json does not record.")
   conv.add_argument("direction", choices=["import", "export"])
-  conv.add_argument("--format", required=True, choices=["hf-llm", "hf-clip"],
-                    help="hf-llm: LlamaForCausalLM / Qwen2ForCausalLM; hf-clip: CLIPVisionModel")
+  conv.add_argument("--format", required=True, choices=["llava-uhd", "hf-llm", "hf-clip"],
+                    help="llava-uhd: the official LLaVA-UHD v2 checkpoint folder (config.json + "
+                         "safetensors; exported in bf16 unless --dtype); hf-llm: "
+                         "LlamaForCausalLM / Qwen2ForCausalLM; hf-clip: CLIPVisionModel")
+  _add_config_args(conv, default="vicuna7b")
   conv.add_argument("--input", required=True, help="source folder or file")
   conv.add_argument("--output", required=True, help="destination folder")
   conv.add_argument("--dtype", default=None,
@@ -55,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _convert(args) -> int:
-  from ckpt_convert import formats
+def _convert(args, overrides) -> int:
+  from ckpt_convert import formats, llava_uhd
+  from hiwin_jax import config as C
   from hiwin_jax.train import checkpoint
-  section = formats.FORMATS[args.format].section
+  official = args.format == "llava-uhd"
+  section = "model" if official else formats.FORMATS[args.format].section
   if args.direction == "import":
-    cfg, params = formats.import_params(args.format, args.input, args.dtype)
+    if official:
+      base = C.load_config(args.config, overrides).model
+      cfg, params = llava_uhd.import_official(args.input, args.dtype, base)
+    else:
+      cfg, params = formats.import_params(args.format, args.input, args.dtype)
     out = checkpoint.save_params(args.output, params, {"format": args.format,
                                                        section: cfg.to_dict()})
   else:
@@ -69,9 +80,13 @@ def _convert(args) -> int:
       raise SystemExit(f"{args.input}: not a hiwin {args.format} checkpoint "
                        f"(its {checkpoint.CONFIG_NAME} says format "
                        f"{saved and saved.get('format')!r})")
-    cfg = formats.FORMATS[args.format].schema()
-    cfg.update(saved[section])
-    out = formats.export_params(args.format, params, cfg, args.output, args.dtype)
+    if official:
+      cfg = C.ConfigDict(saved[section])
+      out = llava_uhd.export_official(params, cfg, args.output, args.dtype or "bfloat16")
+    else:
+      cfg = formats.FORMATS[args.format].schema()
+      cfg.update(saved[section])
+      out = formats.export_params(args.format, params, cfg, args.output, args.dtype)
   logging.getLogger("hiwin").info("wrote %s", out)
   return 0
 
@@ -89,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       from hiwin_jax import demo
       return demo.run(args.config, overrides, args.out)
     if args.command == "convert":
-      return _convert(args)
+      return _convert(args, overrides)
   except (CheckpointError, FileNotFoundError, KeyError) as e:
     # Bad input the user can fix: one clear line, no traceback.
     print(f"hiwin {args.command}: error: {e}", file=sys.stderr)

@@ -38,7 +38,7 @@ def official_sequence(grid, ind, layout):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_layout_matches_the_official_order_and_counts(grid, layout):
   ind = [] if grid is None else ind_tokens(grid)
-  got = Lay.image_layout(grid, ind, layout)
+  got = Lay.image_layout(grid, layout)
   want = official_sequence(grid, ind, layout)
   assert len(got) == len(want)
   for k, item in enumerate(want):
@@ -57,8 +57,8 @@ def test_layout_matches_the_official_order_and_counts(grid, layout):
 
 
 def test_splice_places_images_masks_labels_and_offsets_items():
-  a = Lay.image_layout((2, 1), [29892, 13], "r2")
-  b = Lay.image_layout(None, [], "r2")
+  a = Lay.image_layout((2, 1), "r2")
+  b = Lay.image_layout(None, "r2")
   ids = np.array([1, 5, Lay.IMAGE_TOKEN_INDEX, 7, Lay.IMAGE_TOKEN_INDEX, 8, 9])
   labels = np.array([-100, -100, -100, 7, -100, 8, 9])
   seq = Lay.splice(ids, labels, [a, b])
@@ -79,6 +79,15 @@ def test_splice_places_images_masks_labels_and_offsets_items():
 
 def test_splice_rejects_placeholder_count_mismatch():
   with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
-    Lay.splice(np.array([Lay.IMAGE_TOKEN_INDEX] * 2), None, [Lay.image_layout(None, [], "r1")])
-  with pytest.raises(ValueError, match="separator tokens"):
-    Lay.image_layout((2, 2), [13], "r1")
+    Lay.splice(np.array([Lay.IMAGE_TOKEN_INDEX] * 2), None, [Lay.image_layout(None, "r1")])
+  with pytest.raises(ValueError, match="unknown token layout"):
+    Lay.image_layout((2, 2), "r3")
+
+
+def test_separator_ids_follow_the_vocabulary_and_the_official_slicer():
+  from hiwin_jax.data import slicing
+  plan = slicing.plan_slices(1024, 768, 9)
+  official = Lay.image_layout(plan.grid, "r2")
+  assert [t for t in official.token_ids if t >= 0] == list(plan.ind_tokens)
+  custom = Lay.image_layout(plan.grid, "r2", newline_token=7, comma_token=9)
+  assert sorted(set(custom.token_ids) - {-1}) == [7, 9]

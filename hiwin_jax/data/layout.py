@@ -22,7 +22,8 @@ import numpy as np
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
-NEWLINE_TOKEN = 13
+NEWLINE_TOKEN = 13   # "\n" in the LLaMA vocabulary (hard-coded by the official code)
+COMMA_TOKEN = 29892  # "," (the official DOT_TOKEN)
 QUERY_GRID = 12
 TOKENS_PER_ITEM = QUERY_GRID * QUERY_GRID
 LAYOUTS = ("r1", "r2")
@@ -40,8 +41,13 @@ class ImageLayout:
     return len(self.token_ids)
 
 
-def image_layout(grid: tuple[int, int] | None, ind_tokens: list[int], layout: str) -> ImageLayout:
-  """The span of one image with `grid` = (cols, rows) of slices (None: no slicing)."""
+def image_layout(grid: tuple[int, int] | None, layout: str, newline_token: int = NEWLINE_TOKEN,
+                 comma_token: int = COMMA_TOKEN) -> ImageLayout:
+  """The span of one image with `grid` = (cols, rows) of slices (None: no slicing).
+
+  The separators after each slice (`ind_tokens` of the official slicer) are "\n" at the end of a
+  slice row and "," otherwise; their ids are the vocabulary's (LLaMA's by default).
+  """
   if layout not in LAYOUTS:
     raise ValueError(f"unknown token layout {layout!r}; choose from {LAYOUTS}")
   q, n = QUERY_GRID, TOKENS_PER_ITEM
@@ -49,15 +55,15 @@ def image_layout(grid: tuple[int, int] | None, ind_tokens: list[int], layout: st
     return ImageLayout(np.full(n, -1, np.int32), np.arange(n, dtype=np.int32))
   cols, rows = grid
   slices = cols * rows
-  if len(ind_tokens) != slices:
-    raise ValueError(f"{len(ind_tokens)} separator tokens for a {cols}x{rows} slice grid")
+  ind_tokens = [newline_token if x == cols - 1 else comma_token
+                for _ in range(rows) for x in range(cols)]
   overview = slices * n + np.arange(n, dtype=np.int32)
   if layout == "r1":
     # Global grid position (Y, X) -> slice (Y // 12, X // 12), query (Y % 12, X % 12).
     y, x = np.meshgrid(np.arange(q * rows), np.arange(q * cols), indexing="ij")
     tok = ((y // q) * cols + x // q) * n + (y % q) * q + x % q
     tok = np.concatenate([tok, np.full((q * rows, 1), -1)], axis=1).reshape(-1)
-    ids = np.where(tok < 0, NEWLINE_TOKEN, -1)
+    ids = np.where(tok < 0, newline_token, -1)
     ids = np.concatenate([ids, [ind_tokens[0]], np.full(n, -1)])
     tok = np.concatenate([tok, [-1], overview])
   else:

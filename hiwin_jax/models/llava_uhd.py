@@ -102,3 +102,30 @@ class LlavaUHD(nnx.Module):
     embeds = self.embed(batch, dropout_rng=dropout_rng)
     return self.llm(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
                     positions=positions, cache=cache)
+
+  def generate(self, batch: dict[str, Any], max_new_tokens: int,
+               eos_token_id: int | None = None) -> jax.Array:
+    """Greedy decoding with the KV cache -> new tokens [B, max_new_tokens] (jit-able).
+
+    Prompts are right-padded (`attention_mask`); pad slots stay invalid in the cache and each
+    row's new tokens continue at its own RoPE position, so rows of different lengths decode
+    together. After `eos_token_id` a row keeps emitting it.
+    """
+    b, s = batch["input_ids"].shape
+    lengths = jnp.sum(jnp.asarray(batch["attention_mask"]).astype(jnp.int32), axis=1)
+    cache = self.llm.init_cache(b, s + max_new_tokens)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    logits, cache = self(batch, cache=cache, positions=positions)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    eos = -1 if eos_token_id is None else eos_token_id
+
+    def step(carry, i):
+      tok, cache, done = carry
+      tok = jnp.where(done, eos, tok)
+      logits, cache = self.llm(tok[:, None], positions=(lengths + i)[:, None], cache=cache)
+      return (jnp.argmax(logits[:, 0], -1), cache, done | (tok == eos)), tok
+
+    init = (jnp.argmax(last, -1), cache, jnp.zeros((b,), bool))
+    _, tokens = jax.lax.scan(step, init, jnp.arange(max_new_tokens, dtype=jnp.int32))
+    return tokens.T
+

@@ -1,0 +1,57 @@
+"""The `hiwin` command: help texts, conversion round trips through files, clean errors."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ckpt_convert.safetensors_io import SafetensorsReader, write_sharded
+from hiwin_jax import cli
+from test_llava_convert import tiny_config_json, tiny_model_cfg, tiny_shapes
+
+
+@pytest.mark.parametrize("sub", ["demo", "convert"])
+def test_every_subcommand_has_help(sub, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main([sub, "--help"])
+  assert e.value.code == 0
+  assert "--config" in capsys.readouterr().out
+
+
+def test_official_checkpoint_round_trip_through_the_cli(tmp_path):
+  cfg = tiny_model_cfg()
+  cfg.llm.num_kv_heads = cfg.llm.num_heads
+  rng = np.random.default_rng(3)
+  tensors = {k: rng.standard_normal(s).astype(ml_dtypes.bfloat16)
+             for k, s in sorted(tiny_shapes(cfg).items())}
+  src = tmp_path / "official"
+  write_sharded(src, tensors.items())
+  (src / "config.json").write_text(json.dumps(tiny_config_json(cfg)))
+  # The LLM geometry comes from config.json, the ViT geometry from --config.
+  assert cli.main(["convert", "import", "--format", "llava-uhd", "--config", "tiny",
+                   "--input", str(src), "--output", str(tmp_path / "ours")]) == 0
+  assert cli.main(["convert", "export", "--format", "llava-uhd", "--input",
+                   str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
+  back = SafetensorsReader(tmp_path / "back")
+  assert set(back.keys()) == set(tensors)
+  for key, value in tensors.items():
+    if ".upsampler.model." not in key:  # the dead featurizer copy is refilled on export
+      np.testing.assert_array_equal(back.get(key).view(np.uint16), value.view(np.uint16),
+                                    err_msg=key)
+  config = json.loads((tmp_path / "back" / "config.json").read_text())
+  assert config["feature_scale_mask"] == 7 and config["mm_projector_type"] == \
+      "adapt_spatial_resampler"
+
+
+def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path, capsys):
+  code = cli.main(["convert", "export", "--format", "hf-llm", "--input", str(tmp_path / "none"),
+                   "--output", str(tmp_path / "x")])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "not a hiwin parameter checkpoint" in err and "Traceback" not in err
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "config.json").write_text("{}")
+  code = cli.main(["convert", "import", "--format", "hf-llm", "--input", str(tmp_path / "broken"),
+                   "--output", str(tmp_path / "y")])
+  assert code == 2 and "broken" in capsys.readouterr().err
