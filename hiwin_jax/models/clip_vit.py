@@ -219,23 +219,7 @@ class ClipVisionTower(nnx.Module):
     pd = self.precision.param_dtype
     op = jnp.promote_types(pd, jnp.float32)
     table = self.position_embedding[...][1:].reshape(g, g, -1).astype(op)      # [G, G, C]
-
-    def weights(size, max_out):
-      return jax.vmap(lambda s: resize.cubic_weights_dynamic(g, s, max_out, pd))(size)
-
-    ix, wx = weights(w, gw)                                                      # [N, gw, 4]
-    iy, wy = weights(h, gh)                                                      # [N, gh, 4]
-    # Width pass on all G table rows: [G, N, gw, C] (torch's inner sum).
-    cols = None
-    for k in range(4):
-      term = table[:, ix[..., k]] * wx[None, ..., k, None].astype(op)
-      cols = term if cols is None else cols + term
-    # Height pass per token: the 4 row taps of its output row, at its output column.
+    canvas = resize.resize_table_per_item(table, h, w, (gh, gw), pd)           # [N, gh, gw, C]
     items = jnp.arange(h.shape[0])[:, None]
-    out = None
-    for k in range(4):
-      y = jnp.take_along_axis(iy[..., k], row, axis=1)                           # [N, L]
-      wk = jnp.take_along_axis(wy[..., k], row, axis=1).astype(op)                # [N, L]
-      term = cols[y, items, col] * wk[..., None]                                  # [N, L, C]
-      out = term if out is None else out + term
+    out = canvas[items, row, col]                                               # [N, L, C]
     return out.astype(pd)

@@ -63,36 +63,6 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
   return np.concatenate([one_axis(col), one_axis(row)], axis=1).astype(np.float32)
 
 
-def resized_table(table: jax.Array, height: jax.Array, width: jax.Array,
-                  canvas_hw: tuple[int, int]) -> jax.Array:
-  """`F.interpolate(table.permute(2, 0, 1)[None], size=(h_n, w_n), mode='bicubic',
-  align_corners=False)` per item, each placed at the top-left of a canvas, in float32.
-
-  table: [G, G, C] float32; height, width: [N] traced sizes (<= the canvas). Returns
-  [N, Hc, Wc, C] float32, zero outside each item's region. Same arithmetic as torch's CPU kernel
-  (a width pass then a height pass, torch's rounded weights), as in `ClipVisionTower`.
-  """
-  g = table.shape[0]
-  hc, wc = canvas_hw
-
-  def weights(size, max_out):
-    return jax.vmap(lambda s: resize.cubic_weights_dynamic(g, s, max_out, _F32))(size)
-
-  ix, wx = weights(width, wc)                                                # [N, Wc, 4]
-  iy, wy = weights(height, hc)                                               # [N, Hc, 4]
-  cols = None
-  for k in range(4):
-    term = table[:, ix[..., k]] * wx[None, ..., k, None]                     # [G, N, Wc, C]
-    cols = term if cols is None else cols + term
-  cols = jnp.moveaxis(cols, 0, 1)                                            # [N, G, Wc, C]
-  out = None
-  for k in range(4):
-    rows = jax.vmap(lambda c, i: c[i])(cols, iy[..., k])                     # [N, Hc, Wc, C]
-    term = rows * wy[..., k, None, None]
-    out = term if out is None else out + term
-  return out
-
-
 class HiwinProjector(nnx.Module):
   """`AdaptSpatialResampler` v2 forward (`forward_with_featup` minus the VDIM), spec §4.1-4.5.
 
@@ -166,8 +136,8 @@ class HiwinProjector(nnx.Module):
     dt, e, g = p.dtype, self.embed_dim, self.grid_size
     n, hc, wc, _ = features.shape
     x = self.ln_kv(getattr(self, f"features_{s}x_projector")(features))      # [N, Hc', Wc', E]
-    pos = resized_table(self.pos_embed[...].reshape(g, g, e).astype(_F32), height, width,
-                        (hc, wc)).astype(dt)
+    table = self.pos_embed[...].reshape(g, g, e).astype(_F32)
+    pos = resize.resize_table_per_item(table, height, width, (hc, wc)).astype(dt)
     key = x + pos + getattr(self, f"feature_{s}x_embedding")[...][0].astype(dt)
     inside = ((jnp.arange(hc)[None, :, None] < height[:, None, None])
               & (jnp.arange(wc)[None, None, :] < width[:, None, None]))      # [N, Hc', Wc']

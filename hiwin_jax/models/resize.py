@@ -333,3 +333,37 @@ def upsample2x_bicubic(x: jax.Array, valid, axes: Sequence[int] = (-3, -2),
   x = replicate_edge_per_item(x, valid, axes)
   ax_h, ax_w = (a % x.ndim for a in axes)
   return resize_bicubic(x, (2 * x.shape[ax_h], 2 * x.shape[ax_w]), axes, fma)
+
+
+def resize_table_per_item(table: jax.Array, height: jax.Array, width: jax.Array,
+                          canvas_hw: tuple[int, int], weight_dtype=jnp.float32) -> jax.Array:
+  """`F.interpolate(table.permute(2, 0, 1)[None], size=(h_n, w_n), mode='bicubic',
+  align_corners=False)` for every item n, each placed at the top-left of a canvas.
+
+  table: [G, G, C] in the arithmetic dtype (float32, or float64); height, width: [N] traced
+  sizes (<= the canvas). Returns [N, Hc, Wc, C], zero outside each item's region. Same
+  arithmetic as torch's CPU kernel: weights rounded to `weight_dtype` (torch keeps them in the
+  tensor's dtype), a width pass over the G table rows, then a height pass, taps summed in order.
+  Used for position tables resized to each item's grid (CLIP's 24x24, Hiwin's 12x12).
+  """
+  g = table.shape[0]
+  hc, wc = canvas_hw
+  op = table.dtype
+
+  def weights(size, max_out):
+    return jax.vmap(lambda s: cubic_weights_dynamic(g, s, max_out, weight_dtype))(size)
+
+  ix, wx = weights(width, wc)                                                # [N, Wc, 4]
+  iy, wy = weights(height, hc)                                               # [N, Hc, 4]
+  cols = None
+  for k in range(4):
+    term = table[:, ix[..., k]] * wx[None, ..., k, None].astype(op)          # [G, N, Wc, C]
+    cols = term if cols is None else cols + term
+  cols = jnp.moveaxis(cols, 0, 1)                                            # [N, G, Wc, C]
+  out = None
+  for k in range(4):
+    rows = jax.vmap(lambda c, i: c[i])(cols, iy[..., k])                     # [N, Hc, Wc, C]
+    term = rows * wy[..., k, None, None].astype(op)
+    out = term if out is None else out + term
+  return out
+
