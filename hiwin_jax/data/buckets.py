@@ -21,9 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-PATCH = 14
+from hiwin_jax.data.slicing import PATCH_SIZE as PATCH
+from hiwin_jax.data.slicing import TOKENS_PER_ITEM
+
 MAX_PATCHES = 576
-TOKENS_PER_ITEM = 144
 
 
 def default_buckets(max_patches: int = MAX_PATCHES, ratio_step: float = 2.0,

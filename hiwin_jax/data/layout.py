@@ -20,12 +20,11 @@ import dataclasses
 
 import numpy as np
 
-IMAGE_TOKEN_INDEX = -200
+from hiwin_jax.data.slicing import COMMA_TOKEN, NEWLINE_TOKEN, TOKENS_PER_ITEM
+from hiwin_jax.data.slicing import QUERIES_PER_SIDE as QUERY_GRID
+from hiwin_jax.data.tokenizer import IMAGE_TOKEN_INDEX
+
 IGNORE_INDEX = -100
-NEWLINE_TOKEN = 13   # "\n" in the LLaMA vocabulary (hard-coded by the official code)
-COMMA_TOKEN = 29892  # "," (the official DOT_TOKEN)
-QUERY_GRID = 12
-TOKENS_PER_ITEM = QUERY_GRID * QUERY_GRID
 LAYOUTS = ("r1", "r2")
 
 
