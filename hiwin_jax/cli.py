@@ -27,7 +27,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="hiwin", description="LLaVA-UHD v2 in JAX: demo, weight conversion.",
+      prog="hiwin", description="LLaVA-UHD v2 in JAX: demo, training, weight conversion.",
       epilog="Config overrides: --config.model.llm.num_layers=2 (any subcommand with --config).")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
                   "exports both towers to the HuggingFace layout and reloads them.")
   _add_config_args(demo)
   demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+
+  train = sub.add_parser(
+      "train", help="run a training stage (stage 0: VDIM pre-training)",
+      description="Runs the stage named by the config's `stage` field; resumes from the latest "
+                  "checkpoint in --out. Stage 0: --config vdim_stage0_tiny (offline, scikit-image "
+                  "photos) or vdim_stage0 (CLIP-L; set --config.data.source and "
+                  "--config.vision_weights).")
+  _add_config_args(train, default="vdim_stage0_tiny")
+  train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
 
   conv = sub.add_parser(
       "convert", help="PyTorch/HF checkpoints <-> hiwin parameter checkpoints",
@@ -91,6 +100,20 @@ def _convert(args, overrides) -> int:
   return 0
 
 
+def _train(args, overrides) -> int:
+  from hiwin_jax import config as C
+  cfg = C.load_config(args.config, overrides)
+  stage = cfg.get("stage")
+  if stage == "vdim":
+    from hiwin_jax.train import vdim
+    result = vdim.run_vdim(cfg, args.out)
+    logging.getLogger("hiwin").info("stage 0 done: %d steps, final loss %.4f; outputs in %s",
+                                    result["steps_run"], result["loss"], args.out)
+    return 0
+  raise SystemExit(f"hiwin train: config {args.config!r} names stage {stage!r}; only stage 0 "
+                   f"('vdim') has a trainer so far")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
@@ -99,13 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news to users
   from ckpt_convert.safetensors_io import CheckpointError
+  from hiwin_jax.data.image import ImageError
   try:
     if args.command == "demo":
       from hiwin_jax import demo
       return demo.run(args.config, overrides, args.out)
     if args.command == "convert":
       return _convert(args, overrides)
-  except (CheckpointError, FileNotFoundError, KeyError) as e:
+    if args.command == "train":
+      return _train(args, overrides)
+  except (CheckpointError, ImageError, FileNotFoundError, FileExistsError, KeyError) as e:
     # Bad input the user can fix: one clear line, no traceback.
     print(f"hiwin {args.command}: error: {e}", file=sys.stderr)
     return 2

@@ -11,7 +11,7 @@ from hiwin_jax import cli
 from test_llava_convert import tiny_config_json, tiny_model_cfg, tiny_shapes
 
 
-@pytest.mark.parametrize("sub", ["demo", "convert"])
+@pytest.mark.parametrize("sub", ["demo", "convert", "train"])
 def test_every_subcommand_has_help(sub, capsys):
   with pytest.raises(SystemExit) as e:
     cli.main([sub, "--help"])

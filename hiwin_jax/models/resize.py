@@ -367,3 +367,50 @@ def resize_table_per_item(table: jax.Array, height: jax.Array, width: jax.Array,
     out = term if out is None else out + term
   return out
 
+
+# --- bilinear (VDIM pre-training losses) ------------------------------------------------------
+
+def linear_taps(dst: jax.Array, scale, in_size: int):
+  """Two-tap weights of torch's linear interpolation (align_corners=False) along one axis, for
+  traced positions `dst` (the jitter's zoomed crop): src = max(scale (dst + 0.5) - 0.5, 0),
+  i0 = min(floor(src), in - 1), i1 = min(i0 + 1, in - 1), l1 = clamp(src - i0, 0, 1), l0 = 1 - l1
+  (`area_pixel_compute_source_index`, then `guard_index_and_lambda`)."""
+  src = jnp.maximum(scale * (dst.astype(jnp.float32) + 0.5) - 0.5, 0.0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  l1 = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
+  return i0, jnp.minimum(i0 + 1, in_size - 1), 1.0 - l1, l1
+
+
+def linear_taps_static(in_size: int, out_size: int):
+  """`linear_taps` for a resize to `out_size` (scale = in / out), in numpy with the source index
+  as one fused multiply-add, as torch's AVX2/AVX512 CPU kernel computes it: bit-exact with
+  `F.interpolate(mode='bilinear')` on square maps (checked in the tests)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = _fma32(scale, np.arange(out_size, dtype=np.float32) + np.float32(0.5), np.float32(-0.5))
+  src = np.maximum(src, np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+  l1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+  return i0, np.minimum(i0 + 1, in_size - 1).astype(np.int32), np.float32(1) - l1, l1
+
+
+def apply_linear_taps(x: jax.Array, taps, axis: int) -> jax.Array:
+  i0, i1, l0, l1 = taps
+  shape = (-1,) + (1,) * (x.ndim - axis % x.ndim - 1)
+  return (jnp.take(x, i0, axis=axis) * jnp.reshape(l0, shape).astype(x.dtype)
+          + jnp.take(x, i1, axis=axis) * jnp.reshape(l1, shape).astype(x.dtype))
+
+
+def resize_bilinear(x: jax.Array, out_hw: Sequence[int]) -> jax.Array:
+  """`F.interpolate(x, size=out_hw, mode='bilinear', align_corners=False)` on NHWC `x`
+  ([B, H, W, C] -> [B, h, w, C]): width pass then height pass, torch's
+  `(x00 w0 + x01 w1) h0 + (x10 w0 + x11 w1) h1`. Jitted even when called eagerly, so XLA contracts
+  the multiply-adds into FMAs as torch's kernel does. (`jax.image.resize(..., 'linear',
+  antialias=False)` is the same map for upsampling but differs in the last bits.)"""
+  return _resize_bilinear(x, tuple(int(n) for n in out_hw))
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw",))
+def _resize_bilinear(x, out_hw):
+  _, h, w, _ = x.shape
+  x = apply_linear_taps(x, linear_taps_static(w, out_hw[1]), 2)
+  return apply_linear_taps(x, linear_taps_static(h, out_hw[0]), 1)
