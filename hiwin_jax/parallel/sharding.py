@@ -90,11 +90,15 @@ def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rule
 
 
 def unsharded_report(state: nnx.State, min_size: int = 2 ** 16) -> list[str]:
-  """Paths of arrays with at least `min_size` elements that are fully replicated."""
+  """Parameters with at least `min_size` elements that ended up fully replicated although their
+  logical axes name a shardable dimension (parameters declared all-None, like the JBU's tiny
+  kernel MLPs, are replicated by design and not reported)."""
   out = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if leaf.size >= min_size and leaf.sharding.is_fully_replicated:
-      out.append(f"{jax.tree_util.keystr(path)} {leaf.shape}")
+  for path, var in nnx.to_flat_state(state):
+    value = var.get_value()
+    if (value.size >= min_size and value.sharding.is_fully_replicated
+        and any(a is not None for a in _logical_axes(var))):
+      out.append(f"{'.'.join(map(str, path))} {value.shape}")
   return out
 
 
