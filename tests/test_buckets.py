@@ -20,8 +20,9 @@ def test_default_buckets_hold_every_legal_grid():
     B.assign_bucket(300, 2, buckets)
 
 
-@pytest.mark.parametrize("n,slots", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8)])
-def test_slot_counts_are_powers_of_two(n, slots):
+@pytest.mark.parametrize("n,slots", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (6, 6), (7, 8),
+                                     (9, 12), (13, 16), (17, 24)])
+def test_slot_counts_come_from_a_small_set(n, slots):
   assert B.slot_count(n) == slots
 
 
@@ -41,7 +42,7 @@ def test_pack_places_items_top_left_and_records_grids():
     np.testing.assert_array_equal(bucket["pixels"][slot, :14 * h, :14 * w], px)
     assert not bucket["pixels"][slot, 14 * h:].any() and not bucket["pixels"][slot, :, 14 * w:].any()
   square = packed.buckets[packed.bucket_ids.index(0)]
-  assert square["pixels"].shape[0] == 4 and tuple(square["grid"][3]) == (0, 0)  # 3 items -> 4
+  assert square["pixels"].shape[0] == 3 and (square["grid"] > 0).all()  # 3 items -> 3 slots
 
 
 def test_make_batch_maps_sample_item_tokens_to_flat_indices():

@@ -30,9 +30,9 @@ pytestmark = pytest.mark.torch
 E, HEADS, KV = 64, 4, 16
 
 
-def config(mask):
+def config(mask, attention="folded"):
   return ml_collections.ConfigDict(dict(embed_dim=E, kv_dim=KV, num_heads=HEADS, grid_size=12,
-                                        feature_scale_mask=mask, layout="r1"))
+                                        feature_scale_mask=mask, layout="r1", attention=attention))
 
 
 # --- the PyTorch reference ---------------------------------------------------------------------
@@ -170,9 +170,10 @@ def run(model, levels, grid):
 
 # --- tests ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mask, scales", [(7, (1, 2, 4)), (5, (1, 4))])
-def test_hiwin_matches_reference_on_mixed_grids(mask, scales):
-  model = HiwinProjector(config(mask), Precision.parity(), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("mask, scales, attention", [(7, (1, 2, 4), "folded"), (5, (1, 4), "folded"),
+                                                     (7, (1, 2, 4), "official")])
+def test_hiwin_matches_reference_on_mixed_grids(mask, scales, attention):
+  model = HiwinProjector(config(mask, attention), Precision.parity(), rngs=nnx.Rngs(0))
   params = randomised(model, seed=mask)
   levels, grid, items = canvas_batch(mask, (1, 2, 4))
   got = run(model, levels, grid)
@@ -180,7 +181,7 @@ def test_hiwin_matches_reference_on_mixed_grids(mask, scales):
   assert np.all(np.isfinite(got)), "the empty slot must give finite values"
   want = torch_hiwin(params, items, scales)
   valid = [n for n, (h, _) in enumerate(GRIDS) if h]
-  assert_close(got[valid], want, 1e-5, f"hiwin mask {mask}")
+  assert_close(got[valid], want, 1e-5, f"hiwin mask {mask}, {attention} attention")
 
 
 def test_hiwin_item_ignores_canvas_filler_and_neighbours():

@@ -7,8 +7,8 @@ in [s^(k-1/2), s^(k+1/2)); with h*w <= 576 such a grid has h <= sqrt(576 / r_min
 w <= sqrt(576 * r_max), so the class's canvas is exactly that and every legal grid has a bucket,
 at most sqrt(s) larger in area than needed.
 
-A batch holds, per bucket that occurs, the items padded to a slot count rounded up to a power of
-two (empty slots have grid (0, 0)), so the number of distinct compiled programs stays bounded by
+A batch holds, per bucket that occurs, the items padded to a slot count from 1, 2, 3, 4, 6, 8, 12,
+... (empty slots have grid (0, 0)), so the number of distinct compiled programs stays bounded by
 the buckets and slot sizes in use. The model addresses an item's 144 tokens by its flat index
 (buckets in order, then slots).
 """
@@ -52,8 +52,10 @@ def assign_bucket(h: int, w: int, buckets: Sequence[tuple[int, int]]) -> int:
 
 
 def slot_count(n: int) -> int:
-  """Items -> padded slots: the next power of two (bounded number of shapes)."""
-  return 1 << max(n - 1, 0).bit_length()
+  """Items -> padded slots: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k: a
+  bounded number of shapes, at most a third of the slots empty, 6 slices padded to exactly 6)."""
+  p = 1 << max(n - 1, 0).bit_length()
+  return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 @dataclasses.dataclass(frozen=True)
