@@ -81,10 +81,10 @@ def _convert(args, overrides) -> int:
       cfg, params = llava_uhd.import_official(args.input, args.dtype, base)
     else:
       cfg, params = formats.import_params(args.format, args.input, args.dtype)
-    out = checkpoint.save_params(args.output, params, {"format": args.format,
+    out = checkpoint.write_params(args.output, params, {"format": args.format,
                                                        section: cfg.to_dict()})
   else:
-    params, saved = checkpoint.load_params(args.input)
+    params, saved = checkpoint.read_params(args.input)
     if not saved or saved.get("format") != args.format:
       raise SystemExit(f"{args.input}: not a hiwin {args.format} checkpoint "
                        f"(its {checkpoint.CONFIG_NAME} says format "

@@ -38,7 +38,7 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
   return out
 
 
-def save_params(folder: str | pathlib.Path, params: Mapping[str, np.ndarray],
+def write_params(folder: str | pathlib.Path, params: Mapping[str, np.ndarray],
                 config: Mapping | None = None) -> pathlib.Path:
   """Writes `params` (dotted path -> array) to `folder/params`, and `config` beside it."""
   folder = pathlib.Path(folder).resolve()
@@ -51,7 +51,7 @@ def save_params(folder: str | pathlib.Path, params: Mapping[str, np.ndarray],
   return folder
 
 
-def load_params(folder: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
+def read_params(folder: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
   """(dotted path -> numpy array, the saved config dict or None)."""
   folder = pathlib.Path(folder).resolve()
   if not (folder / "params").is_dir():
