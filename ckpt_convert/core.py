@@ -150,8 +150,8 @@ def to_torch(table: KeyTable, params: Mapping[str, np.ndarray],
 class DictSource:
   """A `TensorSource` over an in-memory dict (a torch state_dict converted to numpy, tests)."""
 
-  def __init__(self, tensors: Mapping[str, np.ndarray], strip_prefix: str = ""):
-    self.tensors = {k.removeprefix(strip_prefix): v for k, v in tensors.items()}
+  def __init__(self, tensors: Mapping[str, np.ndarray]):
+    self.tensors = dict(tensors)
 
   def keys(self):
     return list(self.tensors)
@@ -171,19 +171,6 @@ class KeysUnder:
 
   def get(self, key):
     return self.source.get(key)
-
-
-class PrefixedSource:
-  """Views the keys of `source` that start with `prefix`, with the prefix removed."""
-
-  def __init__(self, source: TensorSource, prefix: str):
-    self.source, self.prefix = source, prefix
-
-  def keys(self):
-    return [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
-
-  def get(self, key):
-    return self.source.get(self.prefix + key)
 
 
 # --- our side: flat views of an nnx model's parameters ------------------------------------------

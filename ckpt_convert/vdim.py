@@ -23,12 +23,12 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from ckpt_convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeyTable, Rule, load_params,
-                               model_params, param_targets, to_ours, to_torch)
+from ckpt_convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeysUnder, KeyTable, Rule,
+                               load_params, model_params, param_targets, to_ours, to_torch)
 from ckpt_convert.safetensors_io import CheckpointError
 
 UPSAMPLER_PREFIX = "upsampler."  # Lightning VDIM checkpoint, state_dict keys
@@ -90,18 +90,13 @@ def jbu_shapes(feat_dim: int, scale: int = 4, prefix: str = UPSAMPLER_PREFIX,
   return out
 
 
-def select_prefix(tensors: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-  """The entries whose key starts with `prefix` (keys unchanged)."""
-  return {k: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def jbu_arrays(tensors: Mapping[str, np.ndarray], targets: Mapping[str, tuple[tuple, np.dtype]],
                scale: int = 4, prefix: str = UPSAMPLER_PREFIX,
                where: str = "checkpoint") -> dict[str, np.ndarray]:
   """Official tensors (any superset of the stack's keys; only `prefix*` is looked at) -> our
   arrays for `targets` (`core.param_targets(stack)`). Raises CheckpointError on a missing,
   unexpected or wrong-shaped key."""
-  return to_ours(jbu_table(scale, prefix), DictSource(select_prefix(tensors, prefix)), targets,
+  return to_ours(jbu_table(scale, prefix), KeysUnder(DictSource(tensors), prefix), targets,
                  where=where)
 
 
