@@ -29,7 +29,6 @@ SLICES, TOKENS = 7, 512
 
 def run_jax(which, repeats):
   import jax
-  import jax.numpy as jnp
   from flax import nnx
   from hiwin_jax import config as C
   from hiwin_jax.models.layers import Precision

@@ -11,7 +11,7 @@ import json
 import os
 import pathlib
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
