@@ -1,0 +1,221 @@
+"""The offline demo's synthetic task: files, ground truth, tokenizer and LLaVA label masks."""
+
+import collections
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hiwin_jax.data import conversation as conv
+from hiwin_jax.data import slicing
+from hiwin_jax.data import synthetic as S
+from hiwin_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LlamaSpmTokenizer
+
+N_TRAIN, N_EVAL = 16, 8
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+  return S.write_task(tmp_path_factory.mktemp("task"), N_TRAIN, N_EVAL, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok(task, tmp_path_factory):
+  return S.make_tokenizer(tmp_path_factory.mktemp("tok"), task.texts())
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+def _load(path):
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def test_image_size_slices_into_two_exact_crops(task):
+  plan = slicing.plan_slices(*task.image_size, slicing.TRAIN_MAX_SLICE_NUMS)
+  assert task.grid == plan.grid == (2, 1)
+  assert plan.refine_size == task.image_size  # slices are crops of the image, not resized
+  for record in _load(task.pretrain_json)[:2]:
+    with Image.open(task.image_folder / record["image"]) as image:
+      assert image.size == task.image_size and image.mode == "RGB"
+
+
+def test_write_task_is_deterministic_for_a_seed(task, tmp_path):
+  again = S.write_task(tmp_path / "again", N_TRAIN, N_EVAL, seed=3)
+  assert _files(again.folder) == _files(task.folder)
+  other = S.write_task(tmp_path / "other", N_TRAIN, N_EVAL, seed=4)
+  assert _files(other.folder) != _files(task.folder)
+  # held-out images come from their own stream: they do not depend on n_train
+  fewer = S.write_task(tmp_path / "fewer", 4, N_EVAL, seed=3)
+  evals = {k: v for k, v in _files(task.folder).items() if k.startswith("images/eval_")}
+  assert evals and evals == {k: v for k, v in _files(fewer.folder).items()
+                             if k.startswith("images/eval_")}
+  assert fewer.eval_jsonl.read_bytes() == task.eval_jsonl.read_bytes()
+
+
+def test_answers_are_balanced_across_classes(task):
+  sft = _load(task.sft_json)
+  by_question = collections.defaultdict(collections.Counter)
+  for s in sft:
+    turns = s["conversations"]
+    for question, answer in ((turns[0]["value"], turns[1]["value"]),
+                             (turns[2]["value"], turns[3]["value"])):
+      by_question[question.removeprefix("<image>\n")][answer] += 1
+  assert by_question[S.QUESTIONS["colour"]] == {c: N_TRAIN // 4 for c in S.COLOURS}
+  assert by_question[S.QUESTIONS["side"]] == {s: N_TRAIN // 2 for s in S.SIDES}
+  marks = _load(task.marks_json)
+  pairs = collections.Counter((m["colour"], m["side"]) for name, m in marks.items()
+                              if name.startswith("train_"))
+  assert pairs == {(c, s): N_TRAIN // 8 for c in S.COLOURS for s in S.SIDES}
+  evals = collections.Counter((r["category"], r["answer"]) for r in task.eval_records())
+  assert evals == {**{("colour", c): N_EVAL // 4 for c in S.COLOURS},
+                   **{("side", s): N_EVAL // 2 for s in S.SIDES}}
+  for n in (5, 10, 13):
+    labels = S.balanced_labels(n, np.random.default_rng(0))
+    for counts in (collections.Counter(c for c, _ in labels),
+                   collections.Counter(s for _, s in labels)):
+      assert max(counts.values()) - min(counts.values()) <= 1, (n, counts)
+  # the two questions come in both orders
+  assert len({s["conversations"][0]["value"] for s in sft}) == 2
+
+
+def _check_mark(image: np.ndarray, mark: dict, where: str) -> None:
+  colour = np.asarray(S.COLOURS[mark["colour"]], np.uint8)
+  left, top, right, bottom = mark["box"]
+  width = image.shape[1]
+  assert 16 <= right - left <= 28 and right - left == bottom - top, where
+  half = (0, width // 2) if mark["side"] == "left" else (width // 2, width)
+  assert half[0] <= left and right <= half[1], (
+      f"{where}: box {mark['box']} not in the {mark['side']} half")
+  hit = np.all(image == colour, axis=-1)
+  inside = hit[top:bottom, left:right].mean()
+  minimum = 0.99 if mark["shape"] == "square" else 0.6
+  assert inside >= minimum, f"{where}: {inside:.2f} of the box has the colour {mark['colour']}"
+  assert hit.sum() == hit[top:bottom, left:right].sum(), (
+      f"{where}: the colour occurs outside the box")
+  outside = image.copy()
+  outside[top:bottom, left:right] = 128
+  assert np.all(outside.max(-1) == outside.min(-1)), f"{where}: the background is not colourless"
+
+
+@pytest.mark.parametrize("background", ["shapes", "photo"])
+def test_mark_is_in_the_image_at_the_recorded_place_and_colour(task, tmp_path, background):
+  if background == "photo":
+    task = S.write_task(tmp_path, 4, 2, seed=0, background="photo")
+  marks = _load(task.marks_json)
+  assert len(marks) == task.n_train + task.n_eval
+  assert {m["shape"] for m in marks.values()} == set(S.SHAPES) or background == "photo"
+  for name, mark in marks.items():
+    with Image.open(task.image_folder / name) as image:
+      _check_mark(np.asarray(image), mark, name)
+  # the texts say what the image shows
+  for record in _load(task.pretrain_json):
+    mark = marks[record["image"]]
+    caption = record["conversations"][1]["value"]
+    assert f" {mark['colour']} " in caption and mark["side"] in caption, (record["id"], caption)
+  for record in task.eval_records():
+    assert record["answer"] == marks[record["image"]][record["category"]], record
+
+
+def test_tokenizer_fits_the_tiny_vocab_and_keeps_llama_ids(tok, task):
+  assert isinstance(tok, LlamaSpmTokenizer) and not tok.legacy
+  assert tok.vocab_size <= 512
+  assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
+  assert tok.encode("\n", add_bos=False)[-1] == 13  # the configs' slice separator
+  config = _load(tok.folder / "tokenizer_config.json")
+  assert config["legacy"] is False and config["add_bos_token"] and not config["add_eos_token"]
+  for words in task.answers.values():
+    for word in words:
+      ids = tok.encode(word, add_bos=False)
+      assert len(ids) == 1 and tok.decode(ids + [tok.eos_id]) == word, (word, ids)
+
+
+def test_tokenizer_training_is_deterministic(task, tok, tmp_path):
+  again = S.make_tokenizer(tmp_path, task.texts())
+  model = "tokenizer.model"
+  assert (again.folder / model).read_bytes() == (tok.folder / model).read_bytes()
+
+
+def _supervised(example):
+  return [int(i) for i, label in zip(example.input_ids, example.labels)
+          if label != conv.IGNORE_INDEX]
+
+
+def test_vicuna_sft_supervises_exactly_the_answers_and_eos(task, tok):
+  for sample in _load(task.sft_json):
+    example = conv.preprocess(sample["conversations"], tok, "vicuna_v1", has_image=True)
+    assert not example.mismatch, (sample["id"], example.warning)
+    assert list(example.input_ids).count(IMAGE_TOKEN_INDEX) == 1
+    answers = [turn["value"] for turn in sample["conversations"] if turn["from"] == "gpt"]
+    expected = [i for answer in answers for i in tok.encode(answer, add_bos=False) + [tok.eos_id]]
+    assert _supervised(example) == expected, sample["id"]
+    # supervised positions are exactly the answers' own positions in the full sequence
+    labels = example.labels
+    assert np.array_equal(labels[labels != conv.IGNORE_INDEX],
+                          example.input_ids[labels != conv.IGNORE_INDEX])
+    decoded = tok.decode(_supervised(example), skip_special_tokens=False)
+    assert decoded == "</s> ".join(answers) + "</s>"
+
+
+def test_plain_pretraining_supervises_caption_and_newline(task, tok):
+  for sample in _load(task.pretrain_json):
+    example = conv.preprocess(sample["conversations"], tok, "plain", has_image=True)
+    assert list(example.input_ids[:2]) == [tok.bos_id, IMAGE_TOKEN_INDEX]
+    assert list(example.labels[:2]) == [conv.IGNORE_INDEX] * 2
+    assert _supervised(example) == [int(i) for i in example.input_ids[2:]]
+    assert example.input_ids[-1] == 13
+    assert tok.decode(_supervised(example)) == sample["conversations"][1]["value"] + "\n"
+
+
+def test_eval_prompt_ends_at_the_assistant_colon(task, tok):
+  record = task.eval_records()[0]
+  prompt = conv.build_prompt([{"from": "human", "value": "<image>\n" + record["text"]}],
+                             "vicuna_v1")
+  ids = tok.tokenizer_image_token(prompt)
+  assert ids.count(IMAGE_TOKEN_INDEX) == 1
+  assert tok.decode(ids[-2:]) == "ASSISTANT:"
+
+
+def test_a_tokenizer_that_breaks_the_round_arithmetic_is_refused(task, tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="' xylophone' is .* pieces"):
+    S.make_tokenizer(tmp_path / "a", task.texts(), single_token_words=["xylophone"])
+  # Without the " USER" -> "</s>USER" rewrite the model learns "▁USER": later rounds mismatch.
+  monkeypatch.setattr(S, "_ROLE", "NOBODY")
+  with pytest.raises(ValueError, match="tokenization mismatch"):
+    S.make_tokenizer(tmp_path / "b", task.texts())
+
+
+def test_score_is_exact_match_after_normalising(task):
+  records = task.eval_records()
+  truth = {r["question_id"]: r["answer"] for r in records}
+  perfect = S.score(truth, records)
+  assert perfect["accuracy"] == 1.0 and perfect["n"] == 2 * N_EVAL
+  assert perfect["chance"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+  assert perfect["per_category"]["colour"]["chance"] == 0.25
+  shouty = {k: f"  {v.upper()}. " for k, v in truth.items()}
+  assert S.score(shouty, task.eval_jsonl)["accuracy"] == 1.0
+  flip = {"left": "right", "right": "left"}
+  wrong = [flip[r["answer"]] if r["category"] == "side" else r["answer"] for r in records]
+  result = S.score(wrong, records)
+  assert result["per_category"]["side"]["accuracy"] == 0.0
+  assert result["per_category"]["colour"]["accuracy"] == 1.0 and result["accuracy"] == 0.5
+  assert S.score(["red is it"] * len(records), records)["accuracy"] == 0.0
+  with pytest.raises(ValueError, match="no prediction"):
+    S.score({}, records)
+  with pytest.raises(ValueError, match="predictions for"):
+    S.score(["red"], records)
+
+
+def test_bad_arguments_name_the_problem(tmp_path):
+  with pytest.raises(ValueError, match="too small for marks"):
+    S.write_task(tmp_path, 1, 1, 0, image_size=(40, 40))
+  with pytest.raises(ValueError, match="background must be"):
+    S.write_task(tmp_path, 1, 1, 0, background="plaid")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question_id": 1, "text": "x", "answer": "red"}\n{oops\n')
+  with pytest.raises(ValueError, match="bad.jsonl:2"):
+    S.read_eval_records(bad)
