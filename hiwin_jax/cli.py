@@ -41,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
 
   train = sub.add_parser(
-      "train", help="run a training stage (stage 0: VDIM pre-training)",
-      description="Runs the stage named by the config's `stage` field; resumes from the latest "
-                  "checkpoint in --out. Stage 0: --config vdim_stage0_tiny (offline, scikit-image "
-                  "photos) or vdim_stage0 (CLIP-L; set --config.data.source and "
-                  "--config.vision_weights).")
+      "train", help="run a training stage (0: VDIM, 1: projector pre-training, 2: fine-tuning)",
+      description="Runs the stage named by the config's `stage` field (vdim, pretrain, sft); "
+                  "resumes from the latest checkpoint in --out. Multi-process runs (SLURM, "
+                  "mpirun, TPU pods, launch/local.sh) are detected from the environment. Stage "
+                  "0: --config vdim_stage0_tiny (offline) or vdim_stage0; stages 1/2: "
+                  "--config stage1_pretrain / stage2_sft with --config.data.* and "
+                  "--config.init.* set (see the config files).")
   _add_config_args(train, default="vdim_stage0_tiny")
   train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
 
@@ -66,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
   conv.add_argument("--output", required=True, help="destination folder")
   conv.add_argument("--dtype", default=None,
                     help="dtype of the written tensors (float32, bfloat16; default: as stored)")
+
+  data = sub.add_parser(
+      "data", help="training data tools (build: LLaVA json + images -> ArrayRecord)",
+      description="build: writes a LLaVA-format json and its image folder as an ArrayRecord "
+                  "dataset (TFDS builder, no tensorflow needed) for data.format=array_record; "
+                  "set data.array_record_dir to the folder it prints.")
+  data.add_argument("action", choices=["build"])
+  data.add_argument("--json", required=True, help="LLaVA json: [{id, image, conversations}]")
+  data.add_argument("--images", required=True, help="folder the json's image paths are in")
+  data.add_argument("--out", required=True, help="output folder")
   return parser
 
 
@@ -102,16 +114,30 @@ def _convert(args, overrides) -> int:
 
 def _train(args, overrides) -> int:
   from hiwin_jax import config as C
+  from hiwin_jax.parallel.distributed import init_distributed
   cfg = C.load_config(args.config, overrides)
   stage = cfg.get("stage")
+  say = logging.getLogger("hiwin").info
   if stage == "vdim":
     from hiwin_jax.train import vdim
     result = vdim.run_vdim(cfg, args.out)
-    logging.getLogger("hiwin").info("stage 0 done: %d steps, final loss %.4f; outputs in %s",
-                                    result["steps_run"], result["loss"], args.out)
+    say("stage 0 done: %d steps, final loss %.4f; outputs in %s", result["steps_run"],
+        result["loss"], args.out)
     return 0
-  raise SystemExit(f"hiwin train: config {args.config!r} names stage {stage!r}; only stage 0 "
-                   f"('vdim') has a trainer so far")
+  if stage in ("pretrain", "sft"):
+    init_distributed()
+    from hiwin_jax.train import loop
+    result = loop.run_training(cfg, args.out)
+    if result["stopped_at"] is not None:
+      say("stopped at step %d with a checkpoint (rerun the same command to resume); outputs "
+          "in %s", result["stopped_at"], args.out)
+    else:
+      say("stage %s done: %d steps, final loss %.4f, %s skipped samples; outputs in %s", stage,
+          result["steps_run"], result.get("loss", float("nan")), sum(result["skipped"].values()),
+          args.out)
+    return 0
+  raise SystemExit(f"hiwin train: config {args.config!r} names stage {stage!r}; expected "
+                   f"'vdim', 'pretrain' or 'sft'")
 
 
 # XLA:CPU's default thunk runtime (jax 0.10) runs this model's fp32 matmuls ~1.15-1.7x slower than
@@ -145,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _convert(args, overrides)
     if args.command == "train":
       return _train(args, overrides)
+    if args.command == "data":
+      from hiwin_jax.data import tfds_llava
+      out = tfds_llava.build(args.json, args.images, args.out)
+      logging.getLogger("hiwin").info("wrote the ArrayRecord dataset %s", out)
+      print(out)
+      return 0
   except (CheckpointError, ImageError, FileNotFoundError, FileExistsError, KeyError) as e:
     # Bad input the user can fix: one clear line, no traceback.
     print(f"hiwin {args.command}: error: {e}", file=sys.stderr)

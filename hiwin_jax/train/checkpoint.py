@@ -11,6 +11,7 @@ import json
 import pathlib
 from typing import Mapping
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -28,11 +29,11 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
   return tree
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten_tree(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = np.asarray(v)
   return out
@@ -40,13 +41,14 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
 
 def write_params(folder: str | pathlib.Path, params: Mapping[str, np.ndarray],
                 config: Mapping | None = None) -> pathlib.Path:
-  """Writes `params` (dotted path -> array) to `folder/params`, and `config` beside it."""
+  """Writes `params` (dotted path -> numpy or jax array, sharded over any number of processes:
+  every process calls this) to `folder/params`, and `config` beside it (process 0)."""
   folder = pathlib.Path(folder).resolve()
   folder.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(folder / "params", _nest(params), force=True)
     ckptr.wait_until_finished()
-  if config is not None:
+  if config is not None and jax.process_index() == 0:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
   return folder
 
@@ -60,4 +62,4 @@ def read_params(folder: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict
     tree = ckptr.restore(folder / "params")
   cfg_path = folder / CONFIG_NAME
   config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
-  return _flatten(tree), config
+  return flatten_tree(tree), config
