@@ -78,6 +78,46 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--json", required=True, help="LLaVA json: [{id, image, conversations}]")
   data.add_argument("--images", required=True, help="folder the json's image paths are in")
   data.add_argument("--out", required=True, help="output folder")
+
+  from hiwin_jax.infer import evaluate as infer_cli  # light: no jax at import
+  gen = sub.add_parser(
+      "generate", help="answer one question about one image",
+      description="Loads a LLaVA-UHD v2 checkpoint and answers --prompt about --image with the "
+                  "official evaluation prompt (vicuna_v1, '<image>\\n' + question, eval "
+                  "pre-resize, max_slice_nums 9); streams the answer to stdout.")
+  infer_cli.add_model_args(gen)
+  _add_config_args(gen, default="vicuna7b")
+  gen.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+  gen.add_argument("--prompt", required=True, help="the question")
+  ev = sub.add_parser(
+      "eval", help="answer a LLaVA-style question file (resumable) and score it",
+      description="Question jsonl (question_id, image, text, optional answer/answers) + image "
+                  "folder -> answers jsonl (resumes by skipping answered ids; per-question "
+                  "errors are recorded) -> the chosen metric.")
+  infer_cli.add_model_args(ev)
+  _add_config_args(ev, default="vicuna7b")
+  ev.add_argument("--questions", required=True, help="question file (jsonl)")
+  ev.add_argument("--image-folder", default="", help="folder the questions' image paths are in")
+  ev.add_argument("--answers", required=True, help="answers file (jsonl; appended, resumed)")
+  ev.add_argument("--metric", default="none",
+                  choices=["none", "vqa", "anls", "relaxed", "exact", "choice", "mme"],
+                  help="score the answers with this metric (default: none)")
+  ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
+  ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+  aot = sub.add_parser(
+      "aot", help="compile a train step for an abstract TPU slice; report per-chip memory",
+      description="Compiles the config's stage 1/2 train step for a TPU topology on this machine "
+                  "(libtpu, no TPU: abstract weights, nothing allocated) and prints per-chip "
+                  "memory from the compiler, FLOPs and whether it fits the chip's HBM (exit 1 "
+                  "if not). The batch: --batch rows per batch shard, each a sample with "
+                  "--slices slices + an overview on the 24x24 canvas, --seq tokens.")
+  _add_config_args(aot, default="stage2_sft")
+  aot.add_argument("--topology", default="v5p-8",
+                   help="v5p-8, v5p-64, v6e-64, v5litepod-16 or a libtpu name (v5p:2x4x4)")
+  aot.add_argument("--batch", type=int, default=1, help="rows per batch shard (default: 1)")
+  aot.add_argument("--seq", type=int, default=4096, help="sequence length (default: 4096)")
+  aot.add_argument("--slices", type=int, default=7, help="slices per sample (default: 7)")
   return parser
 
 
@@ -160,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(rest)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news to users
+  for noisy in ("jax", "absl", "orbax"):  # backend probing, checkpoint bookkeeping: not news
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   from ckpt_convert.safetensors_io import CheckpointError
   from hiwin_jax.data.image import ImageError
   try:
@@ -177,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       logging.getLogger("hiwin").info("wrote the ArrayRecord dataset %s", out)
       print(out)
       return 0
+    if args.command == "aot":
+      from hiwin_jax.train import aot
+      return aot.main(args, overrides)
+    if args.command in ("generate", "eval"):
+      from hiwin_jax.infer import evaluate as infer_cli
+      return infer_cli.main(args, overrides)
   except (CheckpointError, ImageError, FileNotFoundError, FileExistsError, KeyError) as e:
     # Bad input the user can fix: one clear line, no traceback.
     print(f"hiwin {args.command}: error: {e}", file=sys.stderr)
