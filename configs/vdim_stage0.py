@@ -25,6 +25,9 @@ def get_config():
   cfg.jbu = ml_collections.ConfigDict(dict(
       scale=4,
       conv_impl="xla",      # the Pallas kernels are not partitioned over a sharded batch
+      # True: reproduce the official CUDA grad_filters bug (only taps 0, 1, 4, 9, 16, 25, 36 of
+      # the adaptive-conv filters get gradient), for bit-faithful replays of the official run.
+      official_grad_bug=False,
   ))
   cfg.loss = ml_collections.ConfigDict(dict(
       n_jitters=2, max_pad=30, max_zoom=2.0, projection_dim=30, crf_weight=0.001,

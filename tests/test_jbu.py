@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from ckpt_convert.vdim import jbu_shapes, load_jbu
+from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS, adaptive_conv
 from hiwin_jax.models.jbu import JBUStack, dropout2d
 from hiwin_jax.models.layers import Precision
-from hiwin_jax.models.resize import adaptive_avg_pool2d
+from hiwin_jax.models.resize import adaptive_avg_pool2d, reflect_pad, resize_bicubic
 from numerics import assert_close, max_rel_err
 
 torch = pytest.importorskip("torch")
@@ -443,3 +444,119 @@ def test_jbu_step_canvas_matches_each_item_alone():
     alone = run_step(model, jnp.asarray(source[n:n + 1, :h, :w]),
                      jnp.asarray(guidance[n:n + 1, :2 * h, :2 * w]))
     assert_close(out[n:n + 1, :2 * h, :2 * w], alone, 1e-6, f"JBULearnedRange item {h}x{w}")
+
+
+# --- the official grad_filters bug, through the modules -------------------------------------------
+
+@jax.custom_vjp
+def _keep_buggy_taps(kernel):
+  return kernel
+
+
+def _keep_buggy_taps_fwd(kernel):
+  return kernel, None
+
+
+def _keep_buggy_taps_bwd(_, g):
+  kept = np.zeros(49, np.float32)
+  kept[list(BUGGY_GRAD_TAPS)] = 1.0
+  return (g * kept,)
+
+
+_keep_buggy_taps.defvjp(_keep_buggy_taps_fwd, _keep_buggy_taps_bwd)
+
+
+def _step_by_hand(model, source, guidance, mask_filter_cotangent):
+  """JBULearnedRange's forward composed from its parts, the filter cotangent optionally masked
+  to the taps the official CUDA kernel writes."""
+  _, h, w, _ = source.shape
+  kernel = model.filters(guidance)
+  if mask_filter_cotangent:
+    kernel = _keep_buggy_taps(kernel)
+  padded = reflect_pad(resize_bicubic(source, (2 * h, 2 * w)), 3)
+  return adaptive_conv(padded, kernel, impl="xla")
+
+
+def _grads(model, forward, source, guidance, cot):
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def grads(params, source):
+    return jax.grad(lambda p, s: jnp.sum(forward(nnx.merge(graphdef, p), s, guidance) * cot),
+                    argnums=(0, 1))(params, source)
+
+  g_params, g_source = grads(params, source)
+  return nnx.to_pure_dict(g_params), np.asarray(g_source)
+
+
+def test_official_grad_bug_masks_exactly_the_filter_cotangent_of_the_jbu_step():
+  c, h, w = 8, 5, 4
+  sd = random_official(c, seed=60)
+  correct, _ = step(c, sd)
+  buggy, _ = step(c, sd)
+  buggy.official_grad_bug = True
+  assert not correct.official_grad_bug
+  rng = np.random.default_rng(61)
+  source = jnp.asarray(rng.standard_normal((2, h, w, c)), jnp.float32)
+  guidance = jnp.asarray(rng.standard_normal((2, 2 * h, 2 * w, 3)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((2, 2 * h, 2 * w, c)), jnp.float32)
+  module = lambda m, s, g: m(s, g)
+  flat = lambda d: dict(jax.tree_util.tree_flatten_with_path(d)[0])
+
+  got_ok, src_ok = _grads(correct, module, source, guidance, cot)
+  got_bug, src_bug = _grads(buggy, module, source, guidance, cot)
+  want_ok, want_src = _grads(correct, lambda m, s, g: _step_by_hand(m, s, g, False), source,
+                             guidance, cot)
+  want_bug, _ = _grads(correct, lambda m, s, g: _step_by_hand(m, s, g, True), source, guidance,
+                       cot)
+  got_ok, got_bug, want_ok, want_bug = map(flat, (got_ok, got_bug, want_ok, want_bug))
+  assert set(got_bug) == set(want_bug) and len(got_bug) == 10
+  for path in got_bug:
+    name = jax.tree_util.keystr(path)
+    # flag off: the module's gradient is the unmasked composition's
+    assert_close(got_ok[path], want_ok[path], 1e-6, f"flag off, d loss / d {name}")
+    # flag on: the composition with the 42 other taps' filter cotangents zeroed
+    assert_close(got_bug[path], want_bug[path], 1e-6, f"flag on, d loss / d {name}")
+    # and every parameter feeding the filters really gets a different gradient
+    assert max_rel_err(got_bug[path], got_ok[path])[0] > 1e-3, f"{name} unaffected by the flag"
+  np.testing.assert_allclose(src_ok, want_src, rtol=1e-6, atol=1e-6 * np.abs(want_src).max())
+  np.testing.assert_array_equal(src_bug, src_ok)  # the source gradient is unaffected
+  # the forward is unaffected
+  np.testing.assert_array_equal(np.asarray(run_step(buggy, source, guidance)),
+                                np.asarray(run_step(correct, source, guidance)))
+
+
+def test_official_grad_bug_reaches_every_level_of_the_stack_and_the_stage0_model():
+  from configs.vdim_stage0 import get_config
+  from hiwin_jax.train.vdim import VdimModel
+
+  for flag in (False, True):
+    s = JBUStack(8, scale=8, precision=Precision.parity(), official_grad_bug=flag,
+                 rngs=nnx.Rngs(0))
+    assert [getattr(s, f"up{k}").official_grad_bug for k in (1, 2, 3)] == [flag] * 3
+    m = VdimModel(8, image_size=28, patch_size=14, scale=4, precision=Precision.parity(),
+                  conv_impl="xla", official_grad_bug=flag, rngs=nnx.Rngs(0))
+    assert [m.upsampler.up1.official_grad_bug, m.upsampler.up2.official_grad_bug] == [flag] * 2
+  assert not JBUStack(8, precision=Precision.parity(), rngs=nnx.Rngs(0)).up2.official_grad_bug
+  assert get_config().jbu.official_grad_bug is False
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def test_stack_forward_temporaries_stay_near_the_last_levels_padded_map_and_accumulator():
+  """The XLA forward's scratch is dominated by the last level's reflect-padded upsampled map
+  plus the conv accumulator (1.15x their size here, 1.05x at B=7, C=1024); it used to also hold
+  all 49 shifted key maps ([B, H, W, 49, 32]) and the bicubic intermediate next to the
+  accumulator (4x their size here, 1.6x at B=7, C=1024)."""
+  b, g, c = 2, 8, 256
+  model = JBUStack(c, precision=Precision.parity(), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  source = jnp.zeros((b, g, g, c))
+  pixels = jnp.zeros((b, 14 * g, 14 * g, 3))
+  fwd = jax.jit(lambda st, s: nnx.merge(graphdef, st)(s, pixels)["feat4x"])
+  temp = fwd.lower(state, source).compile().memory_analysis().temp_size_in_bytes
+  padded, acc = 4 * b * (4 * g + 6) ** 2 * c, 4 * b * (4 * g) ** 2 * c
+  neighbours = 4 * b * (4 * g) ** 2 * 49 * 32
+  assert temp <= 1.5 * (padded + acc), (
+      f"forward scratch {temp / 2**20:.1f} MiB > 1.5 x (padded map + accumulator) = "
+      f"{1.5 * (padded + acc) / 2**20:.1f} MiB (49 key neighbours: {neighbours / 2**20:.1f} MiB)")

@@ -74,13 +74,20 @@ def forward_xla(xpad, filters):
   h, w = hp - 2 * PAD, wp - 2 * PAD
   acc_t = _acc_dtype(xpad.dtype, filters.dtype)
   f = filters.astype(acc_t)
+  # The barrier keeps XLA from pushing tap 0's slice through the producer of xpad (a reflect
+  # pad's concatenate), which would keep the producer's input live next to xpad and the
+  # accumulator.
+  xpad = lax.optimization_barrier(xpad)
 
-  def body(t, acc):
+  def term(t):
     a, b = _tap(t)
     x = lax.dynamic_slice(xpad, (0, a, b, 0), (n, h, w, c)).astype(acc_t)
-    return acc + lax.dynamic_slice_in_dim(f, t, 1, axis=3) * x
+    return lax.dynamic_slice_in_dim(f, t, 1, axis=3) * x
 
-  return lax.fori_loop(0, KSIZE * KSIZE, body, jnp.zeros((n, h, w, c), acc_t))
+  # The loop starts from tap 0's product (0 + p == p), not from a zeros map: the accumulator
+  # then comes into being right before the loop instead of being a broadcast XLA may schedule
+  # (and keep live) long before, next to the upsampling temporaries.
+  return lax.fori_loop(1, KSIZE * KSIZE, lambda t, acc: acc + term(t), term(0))
 
 
 def grad_x_xla(g, filters):

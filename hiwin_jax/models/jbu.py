@@ -90,6 +90,33 @@ def _conv1x1(in_features: int, out_features: int, axes, precision: Precision,
   return layer
 
 
+def _range_logits(padded: jax.Array, keys: jax.Array, diameter: int) -> jax.Array:
+  """padded: [B, H+2r, W+2r, c], keys: [B, H, W, c] -> [B, H, W, d^2] with
+  logits[..., d a + b] = sum_c padded[:, y+a, x+b] * keys[:, y, x], one row offset a per step.
+
+  The row offsets run in a fori_loop, so only one [B, H, W, d, c] block of neighbours is live:
+  stacking all 49 shifted slices materialised [B, H, W, 49, c], 386 MiB at the 4x level (B=7,
+  96x96, c=32), the largest buffer of the whole forward. Each step is rematerialised in the
+  backward pass (jax.checkpoint), so the residuals stay (padded, keys). The per-pixel sums keep
+  the 7-wide stack-and-reduce form: one slice-reduction per tap made the canvas and single-item
+  programs round ~1e-6 apart, and an unrolled loop of 49 of them compiles ~10x slower."""
+  n, h, w, c = keys.shape
+  d = diameter
+
+  @jax.checkpoint
+  def row(a, padded, keys):
+    slab = jax.lax.dynamic_slice(padded, (0, a, 0, 0), (n, h, w + d - 1, c))
+    neighbours = jnp.stack([slab[:, :, b:b + w] for b in range(d)], axis=-2)  # [B, H, W, d, c]
+    return jnp.sum(neighbours * keys[:, :, :, None, :], axis=-1)
+
+  def body(a, logits):
+    return jax.lax.dynamic_update_slice(logits, row(a, padded, keys)[:, :, :, None],
+                                        (0, 0, 0, a, 0))
+
+  logits = jax.lax.fori_loop(0, d, body, jnp.zeros((n, h, w, d, d), keys.dtype))
+  return logits.reshape(n, h, w, d * d)
+
+
 def check_grid(h: int, w: int, what: str = "JBU source") -> None:
   """Reflect padding by 3 of the 2x upsampled map needs 2h, 2w >= 4; the official code crashes."""
   if h < 2 or w < 2:
@@ -123,10 +150,17 @@ class JBULearnedRange(nnx.Module):
   """FeatUp's `JBULearnedRange(guidance_dim, feat_dim, key_dim, scale=2, radius)`: one 2x step.
 
   Parameter names follow the official Sequential indices (`range_proj.0` -> `range_proj_0`).
+  `conv_impl` selects the adaptive-conv implementation (`kernels.adaptive_conv`).
+  `official_grad_bug=True` reproduces the official CUDA `grad_filters` bug (spec §3.4): the
+  conv's filter cotangent keeps only taps 0, 1, 4, 9, 16, 25, 36 (the other 42 get zero), and so
+  does every gradient that flows through the filters (range projection, `range_temp`,
+  `sigma_spatial`, kernel fix-up). The forward and the source gradient are unchanged. Only for
+  reproducing the official VDIM pre-training; the default is the correct gradient.
   """
 
   def __init__(self, feat_dim: int, *, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3,
-               precision: Precision, conv_impl: str = "xla", rngs: nnx.Rngs):
+               precision: Precision, conv_impl: str = "xla", official_grad_bug: bool = False,
+               rngs: nnx.Rngs):
     if radius != 3:
       raise ValueError(f"radius {radius}: the adaptive convolution is a 7x7 (radius 3) kernel")
     self.feat_dim = feat_dim
@@ -135,6 +169,7 @@ class JBULearnedRange(nnx.Module):
     taps = self.diameter ** 2
     self.precision = precision
     self.conv_impl = conv_impl
+    self.official_grad_bug = bool(official_grad_bug)
     scalar = lambda v: param(rngs, jax.nn.initializers.constant(v), (), precision.param_dtype, ())
     self.range_temp = scalar(0.0)
     self.range_proj_0 = _conv1x1(guidance_dim, key_dim, (None, None), precision, rngs)
@@ -158,17 +193,9 @@ class JBULearnedRange(nnx.Module):
     where the keys reflect at each item's border."""
     cd = self.precision.dtype
     keys = self.range_proj_3(dropout2d(_gelu(self.range_proj_0(guidance)), 0.1, rng))
-    _, gh, gw, _ = keys.shape
     padded = (reflect_pad(keys, self.radius) if valid is None
               else reflect_pad_per_item(keys, self.radius, valid)).astype(_F32)
-    d = self.diameter
-    # neighbours[b, y, x, a, b', c] = padded[b, y+a, x+b', c], from 7 + 7 shifted slices; the
-    # product-sum fuses into one reduction over key_dim. (49 separate slice-reductions give the
-    # same bits but take ~10x longer to compile, mostly in the backward pass.)
-    rows = jnp.stack([padded[:, a:a + gh] for a in range(d)], axis=-2)  # [B, H, W+6, 7, c]
-    neighbours = jnp.stack([rows[:, :, b:b + gw] for b in range(d)], axis=-2)
-    logits = jnp.sum(neighbours * keys.astype(_F32)[:, :, :, None, None, :], axis=-1)
-    logits = logits.reshape(*keys.shape[:3], d * d).astype(cd)
+    logits = _range_logits(padded, keys.astype(_F32), self.diameter).astype(cd)
     tau = jnp.clip(jnp.exp(self.range_temp[...].astype(cd)), 1e-4, 1e4)
     return jax.nn.softmax((tau * logits).astype(_F32), axis=-1).astype(cd)
 
@@ -213,7 +240,10 @@ class JBULearnedRange(nnx.Module):
     else:
       kernel = self.filters(guidance, dropout_rng, 2 * grid)
       padded = reflect_pad_per_item(upsample2x_bicubic(source, grid), self.radius, 2 * grid)
-    return adaptive_conv(padded.astype(_F32), kernel, impl=self.conv_impl)
+    # padded stays in the compute dtype: the conv upcasts each tap's slice to float32 itself
+    # (exact), so a bf16 module never holds a float32 copy of the [B, 2h+6, 2w+6, C] map.
+    return adaptive_conv(padded, kernel, impl=self.conv_impl,
+                         official_grad_bug=self.official_grad_bug)
 
 
 class JBUStack(nnx.Module):
@@ -225,10 +255,11 @@ class JBUStack(nnx.Module):
   extensions of that forward (the official JBU8xStack has a different key layout, with per-level
   `fixup_proj_2x/4x/8x`, and no `forward_with_internal_features`; the released model never
   uses it).
+  `conv_impl` and `official_grad_bug` are passed to every level (see `JBULearnedRange`).
   """
 
   def __init__(self, feat_dim: int, *, scale: int = 4, precision: Precision,
-               conv_impl: str = "xla", rngs: nnx.Rngs):
+               conv_impl: str = "xla", official_grad_bug: bool = False, rngs: nnx.Rngs):
     levels = {2: 1, 4: 2, 8: 3}
     if scale not in levels:
       raise ValueError(f"JBU stack scale must be 2, 4 or 8, got {scale}")
@@ -237,7 +268,7 @@ class JBUStack(nnx.Module):
     self.precision = precision
     for k in range(1, self.num_levels + 1):
       setattr(self, f"up{k}", JBULearnedRange(feat_dim, precision=precision, conv_impl=conv_impl,
-                                              rngs=rngs))
+                                              official_grad_bug=official_grad_bug, rngs=rngs))
     self.fixup_proj = _conv1x1(feat_dim, feat_dim, ("vision_embed", None), precision, rngs)
 
   def __call__(self, source: jax.Array, pixels: jax.Array, *, grid: jax.Array | None = None,

@@ -19,8 +19,9 @@ steps. CLIP is frozen: it is an input of the step, never differentiated, never s
 
 Everything is NHWC. All randomness of a step (dropout, jitter, projection, CRF pixels) derives
 from (seed, step), so a resumed run repeats an uninterrupted one exactly. The official CUDA
-adaptive-conv `grad_filters` bug (spec §3.4) is not reproduced: `JBUStack` does not expose the
-`official_grad_bug` flag of `adaptive_conv`, so the filters get the correct gradient.
+adaptive-conv `grad_filters` bug (spec §3.4) is not reproduced by default: the filters get the
+correct gradient. `cfg.jbu.official_grad_bug = True` reproduces it (only taps 0, 1, 4, 9, 16, 25,
+36 of each level's filters receive gradient, as in the official pre-training).
 """
 
 from __future__ import annotations
@@ -239,13 +240,14 @@ class VdimModel(nnx.Module):
   """Everything the pre-training optimises, under the official state-dict prefixes."""
 
   def __init__(self, dim: int, *, image_size: int, patch_size: int, scale: int,
-               precision: Precision, conv_impl: str, rngs: nnx.Rngs):
+               precision: Precision, conv_impl: str, official_grad_bug: bool = False,
+               rngs: nnx.Rngs):
     if scale != 4:
       raise ValueError(f"VDIM pre-training trains the 4x stack (levels 2x and 4x), got scale "
                        f"{scale}")
     final = image_size // patch_size
     self.upsampler = JBUStack(dim, scale=scale, precision=precision, conv_impl=conv_impl,
-                              rngs=rngs)
+                              official_grad_bug=official_grad_bug, rngs=rngs)
 
     def down():
       return AttentionDownsampler(dim, kernel_size=patch_size, final_size=final, blur_attn=True,
@@ -493,6 +495,7 @@ class VdimTrainer:
     model = VdimModel(int(cfg.vision.hidden_size), image_size=size, patch_size=patch,
                       scale=int(cfg.jbu.scale), precision=self.precision,
                       conv_impl=cfg.jbu.conv_impl,
+                      official_grad_bug=bool(cfg.jbu.get("official_grad_bug", False)),
                       rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(cfg.seed), 2)))
     self.graphdef, state = nnx.split(model)
     self._init_params = nnx.to_pure_dict(state)
