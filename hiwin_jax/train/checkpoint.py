@@ -58,8 +58,13 @@ def read_params(folder: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict
   folder = pathlib.Path(folder).resolve()
   if not (folder / "params").is_dir():
     raise FileNotFoundError(f"{folder}: not a hiwin parameter checkpoint (no params/ folder)")
+  # Restored as host numpy arrays: the saved shardings name the writer's devices (another
+  # device count or a multi-process run's ids), which need not exist here.
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(folder / "params")
+    meta = ckptr.metadata(folder / "params").item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(folder / "params", args=ocp.args.PyTreeRestore(restore_args=args))
   cfg_path = folder / CONFIG_NAME
   config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
   return flatten_tree(tree), config

@@ -183,8 +183,13 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
   data = pipeline.make_train_iterator(cfg.data, cfg.model, tokenizer,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  total = (int(cfg.train.num_steps) if cfg.train.num_steps > 0
-           else data.num_steps_per_epoch * int(cfg.data.epochs))
+  # Epochs can differ in length (the pre-resize draw moves samples between keys): the plan's
+  # own total, not epoch 0's length times the epochs, is what the iterator can deliver.
+  total = int(cfg.train.num_steps) if cfg.train.num_steps > 0 else data.num_steps
+  if total > data.num_steps:
+    raise ValueError(f"train.num_steps {total} is more than the {data.num_steps} steps the data "
+                     f"gives over data.epochs={int(cfg.data.epochs)} epochs (steps per epoch "
+                     f"{list(data.steps_per_epoch)}): raise data.epochs or lower num_steps")
   mesh = M.make_mesh(cfg.mesh, devices)
   trainer = Trainer(cfg, mesh, init_params=initial_params(cfg), total_steps=total)
 
@@ -225,7 +230,7 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
 
   every, log_every = int(cfg.checkpoint.every), max(int(cfg.train.log_every), 1)
   progress = _Progress(total, start, lead)
-  rows, last, ran, stopped = [], (history[-1] if history else {}), 0, None
+  last, ran, stopped = (history[-1] if history else {}), 0, None
   losses = [(r["step"], r["loss"]) for r in history]
   with _sigterm_flag() as sigterm, (open(metrics_path, "a") if lead else
                                     contextlib.nullcontext()) as mf:
@@ -259,7 +264,9 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
         if done % log_every == 0 and progress.bar is None:
           print(f"step {done}/{total} loss {row['loss']:.4f} lr {row['lr']:.3g} "
                 f"|g| {row['grad_norm']:.3g} {dt:.3f} s/step", flush=True)
-      preempted = sigterm["set"] or (stop_after is not None and ran >= stop_after)
+      # A stop request on the last step is no preemption: the run is complete and exports.
+      preempted = done < total and (sigterm["set"] or (stop_after is not None
+                                                       and ran >= stop_after))
       if done % every == 0 or done == total or preempted:
         save(done, force=True)
       if preempted:

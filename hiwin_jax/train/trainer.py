@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import re
@@ -156,10 +157,14 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-  """Everything static the step closes over (hashable: it keys the compiled-step cache)."""
+  """Everything static the step closes over (hashable: it keys the compiled-step cache).
+
+  `optimizer` is rebuilt (new closures) by every Trainer, so equality uses `optimizer_key`
+  (the optimizer config and the step count it was built for) instead of the functions."""
   seed: int
   jbu_dropout: bool
-  optimizer: Any  # optax.GradientTransformation (a NamedTuple of functions: hashable)
+  optimizer: Any = dataclasses.field(compare=False)  # optax.GradientTransformation
+  optimizer_key: Any = None
 
 
 def train_step(graphdef, st: StepSettings, state: dict, frozen: dict, batch: dict
@@ -249,20 +254,29 @@ class Trainer:
   `init_params`: dotted parameter path -> array (e.g. `checkpoint.read_params` of a previous
   stage, a converted official checkpoint, stage 0's JBU) loaded over the random init; keys not
   in the model are an error, parameters it does not name keep their random init.
+
+  `abstract=True` allocates nothing: the model is `nnx.eval_shape`d, and `_params` / `frozen`
+  hold ShapeDtypeStructs carrying their shardings, so `compiled_step().lower(...)` works on a
+  mesh of abstract devices (`train/aot.py`: a TPU pod compiled on a CPU machine);
+  `init_state` and `step` need real arrays and are unavailable.
   """
 
   def __init__(self, cfg, mesh: Mesh | None = None, *,
-               init_params: Mapping[str, np.ndarray] | None = None, total_steps: int = 1):
+               init_params: Mapping[str, np.ndarray] | None = None, total_steps: int = 1,
+               abstract: bool = False):
+    if abstract and init_params:
+      raise ValueError("an abstract Trainer holds no weights: init_params cannot be loaded")
     self.cfg = cfg
+    self.abstract = abstract
     self.mesh = mesh if mesh is not None else M.make_mesh(cfg.mesh)
     self.rules_table = cfg.mesh.rules
     self.param_rules = ParamRules.from_config(cfg.train)
     self.precision = Precision.from_config(cfg.model.precision)
     self.total_steps = int(total_steps)
     seed = int(cfg.seed)
-    model = S.create_sharded(
-        lambda: LlavaUHD(cfg.model, self.precision, rngs=nnx.Rngs(seed)), self.mesh,
-        self.rules_table)
+    make_model = lambda: LlavaUHD(cfg.model, self.precision, rngs=nnx.Rngs(seed))
+    model = (nnx.eval_shape(make_model) if abstract
+             else S.create_sharded(make_model, self.mesh, self.rules_table))
     if init_params:
       _load_into(model, init_params)
     self.graphdef, trainable, frozen = nnx.split(model, nnx.All(nnx.Param, self.param_rules),
@@ -273,6 +287,10 @@ class Trainer:
         S.state_shardings(frozen, self.mesh, self.rules_table))
     self._params = nnx.to_pure_dict(trainable)
     self.frozen = nnx.to_pure_dict(frozen)
+    if abstract:
+      sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+      self._params = jax.tree.map(sds, self._params, self.param_shardings)
+      self.frozen = jax.tree.map(sds, self.frozen, self.frozen_shardings)
     self.trainable_paths = flat_paths(self._params)
     if not self.trainable_paths:
       raise ValueError(f"train.trainable {list(cfg.train.trainable)} minus train.frozen "
@@ -288,13 +306,16 @@ class Trainer:
         transform_non_params=lambda _: self.replicated)
     self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
                             "step": self.replicated}
-    self.settings = StepSettings(seed, bool(cfg.train.jbu_dropout), self.optimizer)
+    opt_key = (json.dumps(cfg.train.optimizer.to_dict(), sort_keys=True), self.total_steps)
+    self.settings = StepSettings(seed, bool(cfg.train.jbu_dropout), self.optimizer, opt_key)
     self.peak_flops = peak_flops_per_device(cfg.train)
     self._compiled: dict = {}
 
   # -- state --
   def init_state(self) -> dict:
     """{"params": trainable pure dict, "opt_state", "step": int32}, placed on the mesh."""
+    if self.abstract:
+      raise RuntimeError("an abstract Trainer has no weights; use abstract_state()")
     @functools.partial(jax.jit, out_shardings=self.state_shardings)
     def init(params):
       return {"params": params, "opt_state": self.optimizer.init(params),
