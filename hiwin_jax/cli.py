@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "pre-resize, max_slice_nums 9); streams the answer to stdout.")
   infer_cli.add_model_args(gen)
   _add_config_args(gen, default="vicuna7b")
-  gen.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+  gen.add_argument("--image", action="append", default=None,
+                   help="image file; repeat for several images, each answered (in one batch, "
+                        "with the shape buckets) for the same prompt; omit for text only")
   gen.add_argument("--prompt", required=True, help="the question")
   ev = sub.add_parser(
       "eval", help="answer a LLaVA-style question file (resumable) and score it",

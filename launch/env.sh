@@ -16,8 +16,8 @@
 # The variables may also be set by hand instead of using this script; it only checks them.
 #
 # Worked example: two 8-GPU hosts, host0 = 10.0.0.1, one process per host:
-#   host0$ launch/env.sh 10.0.0.1:12355 2 0 hiwin train --config vicuna7b --out runs/s2
-#   host1$ launch/env.sh 10.0.0.1:12355 2 1 hiwin train --config vicuna7b --out runs/s2
+#   host0$ launch/env.sh 10.0.0.1:12355 2 0 hiwin train --config stage2_sft --out runs/s2
+#   host1$ launch/env.sh 10.0.0.1:12355 2 1 hiwin train --config stage2_sft --out runs/s2
 # (add HIWIN_EXPECTED_DEVICES=16 in front of both to catch a missing GPU at start).
 set -euo pipefail
 

@@ -21,9 +21,9 @@
 #
 # Worked examples:
 #   # 2 processes x 4 fake CPU devices = an 8-device mesh, the tiny SFT stage:
-#   HIWIN_FAKE_CPU_DEVICES=4 launch/local.sh 2 hiwin train --config tiny --out runs/local
+#   HIWIN_FAKE_CPU_DEVICES=4 launch/local.sh 2 hiwin train --config tiny_stage2 --out runs/local --config.data.json=... (data and init paths as in README)
 #   # one process per GPU on an 8-GPU host:
-#   HIWIN_GPUS_PER_PROCESS=1 launch/local.sh 8 hiwin train --config vicuna7b --out runs/s2
+#   HIWIN_GPUS_PER_PROCESS=1 launch/local.sh 8 hiwin train --config stage2_sft --out runs/s2
 set -uo pipefail
 
 usage() {

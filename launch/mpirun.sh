@@ -19,10 +19,10 @@
 # Worked examples:
 #   # 2 hosts x 8 GPUs, one process per GPU:
 #   printf 'gpu-a slots=8\ngpu-b slots=8\n' > hosts.txt
-#   launch/mpirun.sh hosts.txt 16 hiwin train --config vicuna7b --out /shared/runs/stage2
+#   launch/mpirun.sh hosts.txt 16 hiwin train --config stage2_sft --out /shared/runs/stage2
 #   # one process per host (each drives its 8 GPUs):
 #   printf 'gpu-a slots=1\ngpu-b slots=1\n' > hosts.txt
-#   launch/mpirun.sh hosts.txt 2 hiwin train --config vicuna7b --out /shared/runs/stage2
+#   launch/mpirun.sh hosts.txt 2 hiwin train --config stage2_sft --out /shared/runs/stage2
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then

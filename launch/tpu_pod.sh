@@ -19,7 +19,7 @@
 # Worked example: stage 2 on a v5p-64 slice (8 workers), the checkout in ~/hiwin on each:
 #   HIWIN_TPU_WORKDIR='~/hiwin' HIWIN_TPU_SETUP='source .venv/bin/activate' \
 #   launch/tpu_pod.sh my-v5p-64 us-east5-a \
-#     hiwin train --config vicuna7b --out gs://my-bucket/runs/stage2
+#     hiwin train --config stage2_sft --out gs://my-bucket/runs/stage2
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then

@@ -314,13 +314,14 @@ def main(args, overrides) -> int:
                          eos_token_id=int(cfg_model.llm.eos_token_id),
                          pad_token_id=int(cfg_model.llm.pad_token_id))
   if args.command == "generate":
-    img = I.load_image(args.image) if args.image else None
-    folder = str(pathlib.Path(args.image).parent) if args.image else ""
+    images = args.image or [None]
     try:
-      p = R.prepare(args.prompt, img, tokenizer, cfg_model, template=args.template,
-                    image_folder=folder, max_slice_nums=args.max_slice_nums,
-                    max_context=int(cfg_model.llm.max_position_embeddings),
-                    reserve=gen.max_new_tokens)
+      prepared = [R.prepare(args.prompt, I.load_image(path) if path else None, tokenizer,
+                            cfg_model, template=args.template,
+                            image_folder=str(pathlib.Path(path).parent) if path else "",
+                            max_slice_nums=args.max_slice_nums,
+                            max_context=int(cfg_model.llm.max_position_embeddings),
+                            reserve=gen.max_new_tokens) for path in images]
     except R.RequestError as e:
       print(f"hiwin generate: error: {e}", file=sys.stderr)
       return 2
@@ -334,11 +335,15 @@ def main(args, overrides) -> int:
         sys.stdout.flush()
         stream.text = text
     stream.text = ""
-    out = Generator(model)(R.collate([p]), gen, seed=args.seed,
-                           stream=None if gen.num_beams > 1 else stream)
-    if gen.num_beams > 1:
-      sys.stdout.write(tokenizer.decode(out.tokens[0][:out.lengths[0]].tolist()).strip())
-    sys.stdout.write("\n")
+    streaming = gen.num_beams == 1 and len(prepared) == 1
+    out = Generator(model)(R.collate(prepared), gen, seed=args.seed,
+                           stream=stream if streaming else None)
+    if streaming:
+      sys.stdout.write("\n")
+      return 0
+    for i, path in enumerate(images):
+      text = tokenizer.decode(out.tokens[i][:out.lengths[i]].tolist()).strip()
+      sys.stdout.write(f"{path}: {text}\n" if len(images) > 1 else f"{text}\n")
     return 0
   settings = EvalSettings(template=args.template, max_slice_nums=args.max_slice_nums,
                           batch_size=args.batch_size,
