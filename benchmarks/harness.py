@@ -39,15 +39,10 @@ def report_child(name: str, result: dict) -> None:
 
 
 def run_children(script: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:
-  """Runs each case in a fresh process with the XLA:CPU runtime the `hiwin` CLI uses (set
-  XLA_FLAGS=--xla_cpu_use_thunk_runtime=true to measure jax's default instead)."""
-  from hiwin_jax.cli import CPU_XLA_FLAG
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_use_thunk_runtime" not in flags:
-    flags = f"{flags} {CPU_XLA_FLAG}".strip()
+  """Runs each case in a fresh process (its own peak memory; nothing cached between cases)."""
   rows = {}
   for name in names:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, script, "--child", "--only", name, *extra_args],
                          capture_output=True, text=True, env=env)
     if out.returncode:

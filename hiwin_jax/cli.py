@@ -182,21 +182,7 @@ def _train(args, overrides) -> int:
                    f"'vdim', 'pretrain' or 'sft'")
 
 
-# XLA:CPU's default thunk runtime (jax 0.10) runs this model's fp32 matmuls ~1.15-1.7x slower than
-# the legacy runtime (benchmarks in BUILD_NOTES.md); it only matters on CPU, and an explicit
-# setting in XLA_FLAGS wins.
-CPU_XLA_FLAG = "--xla_cpu_use_thunk_runtime=false"
-
-
-def _prefer_fast_cpu_runtime() -> None:
-  import os
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_use_thunk_runtime" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  _prefer_fast_cpu_runtime()  # before jax initialises its backends
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)

@@ -1,0 +1,275 @@
+"""TPU pods without TPUs: compile a stage 1/2 train step for an abstract TPU topology on a CPU
+machine and read its per-chip memory from the compiler.
+
+libtpu (the `tpu-aot` extra, the wheel matching jax) describes a TPU slice's devices without the
+hardware (`jax.experimental.topologies.get_topology_desc`). The config's mesh is built over those
+devices, the `Trainer` is built `abstract=True` (an `nnx.eval_shape`d model: no weight is ever
+allocated), and `compiled_step()` is lowered on ShapeDtypeStructs that carry the train state's,
+the frozen parameters' and a representative batch's shardings, then compiled by the real TPU
+compiler. `compiled.memory_analysis()` is per chip (one SPMD partition): arguments (state, frozen
+weights, batch shard), outputs (the new state, aliased to the donated arguments), temporaries
+(activations, gradients, optimizer update) and the program.
+
+The batch is the shape class stage 2 trains on most: every sample has `slices` slices and one
+overview, all on the 24x24 canvas (576 patches, 144 tokens each), in a sequence of `seq` tokens;
+`batch` rows per batch shard of the mesh (the mesh axes the `batch` rule names) per micro-batch,
+`cfg.data.grad_accum` micro-batches.
+
+  hiwin aot --config stage2_sft --topology v5p-8 --batch 2 --seq 4096 \
+      --config.model.llm.remat=full
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from hiwin_jax.data.slicing import PATCH_SIZE, TOKENS_PER_ITEM
+from hiwin_jax.parallel import mesh as M
+from hiwin_jax.parallel import sharding as S
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation: the libtpu topology prefix, TensorCores per chip in the accelerator
+  type's count (v5p-8 and v4-8 count cores: 4 chips), HBM per chip, peak dense bf16 FLOP/s."""
+  prefix: str
+  cores_per_chip: int
+  hbm_gib: float
+  peak_tflops: float
+  dims: int  # 3: a 3-D torus (AxBxC), 2: a 2-D one (AxB)
+
+
+CHIPS = {
+    "v5p": Chip("v5p", 2, 95.0, 459.0, 3),
+    "v4": Chip("v4", 2, 32.0, 275.0, 3),
+    "v6e": Chip("v6e", 1, 32.0, 918.0, 2),
+    "v5e": Chip("v5e", 1, 16.0, 197.0, 2),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str          # accelerator type, e.g. "v5p-64"
+  libtpu_name: str   # libtpu's topology name, e.g. "v5p:2x4x4"
+  chip: Chip
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(int(d) for d in self.libtpu_name.split(":")[1].split("x"))
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+  """Cloud TPU's slice shape for `chips` chips: from the smallest slice (2x2x1 hosts for 3-D
+  tori, 1x1 for 2-D) double the smallest side, the last of equals first (v5p: 2x2x1, 2x2x2,
+  2x2x4, 2x4x4, 4x4x4; v6e: 2x2, 2x4, 4x4, 4x8, 8x8)."""
+  if chips < 1 or chips & (chips - 1):
+    raise ValueError(f"{chips} chips: only power-of-two slices are known here")
+  sides = [2, 2, 1] if dims == 3 else [1] * dims
+  if chips < math.prod(sides):
+    raise ValueError(f"{chips} chips: the smallest {dims}-D slice has {math.prod(sides)}")
+  while math.prod(sides) < chips:
+    i = min(range(dims), key=lambda j: (sides[j], -j))
+    sides[i] *= 2
+  return tuple(sides)
+
+
+def parse_topology(name: str) -> Topology:
+  """"v5p-8" / "v6e-64" / "v5litepod-16" (Cloud TPU accelerator types) or a libtpu topology
+  name such as "v5p:2x4x4" / "v6e:8x8"."""
+  m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
+  gen = m and _ALIASES.get(m.group(1), m.group(1))
+  if not m or gen not in CHIPS:
+    raise ValueError(f"unknown TPU topology {name!r}: expected e.g. v5p-8, v5p-64, v6e-64, "
+                     f"v5litepod-16, v4-8 or a libtpu name like v5p:2x4x4 "
+                     f"(generations: {sorted(CHIPS)})")
+  chip = CHIPS[gen]
+  if m.group(3):
+    shape = tuple(int(d) for d in m.group(3).split("x"))
+    if len(shape) != chip.dims:
+      raise ValueError(f"topology {name!r}: {gen} slices are {chip.dims}-D")
+    chips = math.prod(shape)
+    return Topology(f"{gen}-{chips * chip.cores_per_chip}", f"{gen}:{m.group(3)}", chip)
+  count = int(m.group(2))
+  if count % chip.cores_per_chip:
+    raise ValueError(f"topology {name!r}: {gen}-N counts TensorCores, {chip.cores_per_chip} "
+                     f"per chip")
+  shape = _torus(count // chip.cores_per_chip, chip.dims)
+  return Topology(f"{gen}-{count}", f"{gen}:" + "x".join(map(str, shape)), chip)
+
+
+def abstract_devices(topo: Topology) -> list:
+  """The slice's devices as libtpu describes them (no TPU needed)."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Other processes on this machine may hold libtpu's lock; an abstract topology needs no chip.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ["TPU_ACCELERATOR_TYPE"] = topo.name if topo.chip.prefix != "v5e" else (
+      f"v5litepod-{topo.num_chips}")
+  try:
+    import libtpu  # noqa: F401  (the error below is clearer than jax's)
+  except ImportError:
+    raise RuntimeError("compiling for a TPU topology needs libtpu matching jax "
+                       "(pip install 'hiwin-jax[tpu-aot]')") from None
+  from jax.experimental import topologies
+  devices = topologies.get_topology_desc(topo.libtpu_name, "tpu").devices
+  if len(devices) != topo.num_chips:
+    raise RuntimeError(f"libtpu describes {topo.libtpu_name} with {len(devices)} devices, "
+                       f"expected one per chip ({topo.num_chips})")
+  return list(devices)
+
+
+# --- the batch --------------------------------------------------------------------------------
+
+def batch_shards(mesh: Mesh, rules) -> int:
+  return math.prod(mesh.shape[a] for a in S.rules_dict(rules)["batch"] if a in mesh.shape)
+
+
+def representative_batch(trainer, rows_per_shard: int, seq: int, slices: int,
+                         canvas: tuple[int, int] = (24, 24)) -> tuple[dict, dict]:
+  """(ShapeDtypeStructs with the trainer's batch sharding, a host batch of masks and grids for
+  the FLOPs estimate): every sample `slices` + 1 items on `canvas`, every token valid."""
+  k = int(trainer.cfg.data.grad_accum) if "data" in trainer.cfg else 1
+  rows = rows_per_shard * batch_shards(trainer.mesh, trainer.rules_table)
+  items = rows * (slices + 1)
+  if (slices + 1) * TOKENS_PER_ITEM > seq:
+    raise ValueError(f"{slices} slices + overview need {(slices + 1) * TOKENS_PER_ITEM} image "
+                     f"tokens per sample, more than --seq {seq}")
+  sh = trainer.batch_sharding
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  hc, wc = canvas
+  abstract = {"input_ids": sds((k, rows, seq), jnp.int32),
+              "image_token": sds((k, rows, seq), jnp.int32),
+              "labels": sds((k, rows, seq), jnp.int32),
+              "attention_mask": sds((k, rows, seq), jnp.bool_),
+              "buckets": ({"pixels": sds((k, items, hc * PATCH_SIZE, wc * PATCH_SIZE, 3),
+                                         jnp.float32),
+                           "grid": sds((k, items, 2), jnp.int32)},)}
+  host = {"attention_mask": np.ones((k, rows, seq), bool),
+          "buckets": ({"grid": np.broadcast_to(np.array([hc, wc], np.int32), (k, items, 2))},)}
+  return abstract, host
+
+
+# --- the report -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Per-chip bytes from `compiled.memory_analysis()`. Outputs aliased to donated arguments (the
+  train state) occupy the arguments' buffers, so they count once."""
+  argument: int
+  output: int
+  alias: int
+  temp: int
+  code: int
+
+  @classmethod
+  def from_compiled(cls, compiled) -> MemoryReport:
+    m = compiled.memory_analysis()
+    if m is None:
+      raise RuntimeError("the compiler reported no memory analysis for this program")
+    return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+               int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
+               int(m.generated_code_size_in_bytes))
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp + self.code
+
+  def fits(self, hbm_gib: float) -> bool:
+    return self.total <= hbm_gib * GIB
+
+  def line(self, hbm_gib: float) -> str:
+    g = lambda b: f"{b / GIB:.2f}"
+    return (f"per chip: args {g(self.argument)} GiB, temp {g(self.temp)} GiB, output "
+            f"{g(self.output)} GiB (aliased {g(self.alias)}), code {g(self.code)} GiB, total "
+            f"{g(self.total)} GiB of {hbm_gib:g} GiB HBM -> "
+            f"{'fits' if self.fits(hbm_gib) else 'DOES NOT FIT'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AotResult:
+  topology: Topology
+  mesh_shape: dict[str, int]
+  remat: dict[str, str]
+  rows_per_shard: int
+  global_rows: int
+  seq: int
+  slices: int
+  memory: MemoryReport
+  model_flops: float        # per step, all chips (trainer.model_flops: ViT + LLM matmuls)
+  xla_flops: float | None   # per chip, the compiler's cost analysis
+  num_trainable: int
+  num_frozen: int
+  lower_s: float
+  compile_s: float
+
+  @property
+  def fits(self) -> bool:
+    return self.memory.fits(self.topology.chip.hbm_gib)
+
+  def summary(self) -> str:
+    t, c = self.topology, self.topology.chip
+    step_s = self.model_flops / (t.num_chips * c.peak_tflops * 1e12)
+    xla = f"{self.xla_flops / 1e12:.4g} TFLOP per chip (XLA)" if self.xla_flops else "n/a"
+    lines = [
+        f"topology {t.name} ({t.libtpu_name}, {t.num_chips} chips), mesh {self.mesh_shape}",
+        (f"remat llm={self.remat['llm']} vision={self.remat['vision']}; batch "
+         f"{self.rows_per_shard} rows per batch shard ({self.global_rows} global per "
+         f"micro-batch), seq {self.seq}, {self.slices} slices + overview per sample"),
+        (f"parameters: {self.num_trainable / 1e6:.1f} M trainable, "
+         f"{self.num_frozen / 1e6:.1f} M frozen"),
+        self.memory.line(c.hbm_gib),
+        (f"FLOPs per step: {self.model_flops / 1e12:.4g} TFLOP (model), {xla}; at 100% of "
+         f"{c.peak_tflops:g} TFLOP/s/chip >= {step_s:.3g} s/step"),
+        f"lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices: int = 7,
+                 canvas: tuple[int, int] = (24, 24), log=print) -> AotResult:
+  """Compiles `cfg`'s train step for `topology` (see the module docstring) and reports."""
+  from hiwin_jax.train.trainer import Trainer
+  topo = parse_topology(topology)
+  devices = abstract_devices(topo)
+  mesh = M.make_mesh(cfg.mesh, devices)
+  trainer = Trainer(cfg, mesh, abstract=True)
+  abstract_batch, host = representative_batch(trainer, batch, seq, slices, canvas)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), S.use_rules(trainer.rules_table):
+    lowered = trainer.compiled_step().lower(trainer.abstract_state(), trainer.frozen,
+                                            abstract_batch)
+  t1 = time.perf_counter()
+  log(f"lowered in {t1 - t0:.1f} s; compiling for {topo.libtpu_name} ...")
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost["flops"]) if cost and cost.get("flops") else None
+  return AotResult(
+      topo, dict(mesh.shape), {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
+      batch, int(abstract_batch["input_ids"].shape[1]), seq, slices,
+      MemoryReport.from_compiled(compiled), trainer.flops(host), xla_flops,
+      trainer.num_trainable, trainer.num_frozen, t1 - t0, t2 - t1)
+
+
+def main(args: Any, overrides) -> int:
+  """`hiwin aot`: prints the report; exit status 0 if the step fits the chip's HBM, 1 if not."""
+  from hiwin_jax import config as C
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")  # the TPU here is abstract: never probe for one
+  cfg = C.load_config(args.config, overrides)
+  result = compile_step(cfg, args.topology, batch=args.batch, seq=args.seq, slices=args.slices)
+  print(result.summary(), flush=True)
+  return 0 if result.fits else 1

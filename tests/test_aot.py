@@ -1,0 +1,64 @@
+"""`hiwin aot` (hiwin_jax/train/aot.py): a train step compiled for an abstract TPU slice.
+
+The compile test needs libtpu (the `tpu-aot` extra) and skips without it; the topology names and
+the memory arithmetic are checked everywhere.
+"""
+
+import types
+
+import pytest
+
+from hiwin_jax import config as C
+from hiwin_jax.train import aot
+
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("name, libtpu_name, chips, hbm", [
+    ("v5p-8", "v5p:2x2x1", 4, 95.0), ("v5p-16", "v5p:2x2x2", 8, 95.0),
+    ("v5p-64", "v5p:2x4x4", 32, 95.0), ("v5p-128", "v5p:4x4x4", 64, 95.0),
+    ("v6e-8", "v6e:2x4", 8, 32.0), ("v6e-64", "v6e:8x8", 64, 32.0),
+    ("v5litepod-16", "v5e:4x4", 16, 16.0), ("v4-8", "v4:2x2x1", 4, 32.0),
+    ("v5p:2x4x4", "v5p:2x4x4", 32, 95.0)])
+def test_accelerator_types_map_to_cloud_tpu_slice_shapes(name, libtpu_name, chips, hbm):
+  t = aot.parse_topology(name)
+  assert (t.libtpu_name, t.num_chips, t.chip.hbm_gib) == (libtpu_name, chips, hbm)
+
+
+@pytest.mark.parametrize("bad", ["v5p-6", "v5p-7", "h100-8", "v6e:2x2x2", "v5p"])
+def test_unknown_or_impossible_topologies_are_refused(bad):
+  with pytest.raises(ValueError, match="topology|chips|slice"):
+    aot.parse_topology(bad)
+
+
+def test_donated_outputs_count_once_and_fit_compares_with_hbm():
+  m = aot.MemoryReport(argument=40 * GIB, output=30 * GIB, alias=30 * GIB, temp=50 * GIB,
+                       code=GIB)
+  assert m.total == 91 * GIB
+  assert m.fits(95.0) and not m.fits(90.0)
+  assert "fits" in m.line(95.0) and "DOES NOT FIT" in m.line(90.0)
+  compiled = types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
+      argument_size_in_bytes=3, output_size_in_bytes=2, alias_size_in_bytes=2,
+      temp_size_in_bytes=5, generated_code_size_in_bytes=1))
+  assert aot.MemoryReport.from_compiled(compiled).total == 9
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.slow
+def test_tiny_stage2_step_compiles_for_a_v5p_slice_with_a_memory_report():
+  pytest.importorskip("libtpu")
+  cfg = C.load_config("tiny_stage2")
+  # cut for compile time: one used layer per tower (select_layer -2), the JBU levels kept
+  cfg.model.vision.num_layers = 2
+  cfg.model.llm.num_layers = 1
+  cfg.model.llm.remat = "full"
+  r = aot.compile_step(cfg, "v5p-8", batch=1, seq=384, slices=1, canvas=(8, 8),
+                       log=lambda _: None)
+  assert r.topology.num_chips == 4 and r.mesh_shape["data"] == 4
+  assert r.global_rows == 4
+  m = r.memory
+  assert m.argument > 0 and m.temp > 0 and m.output > 0 and m.total > 0
+  # the new state is written into the donated old one
+  assert m.alias > 0
+  assert r.fits and r.model_flops > 0
+  assert "fits" in r.summary()
