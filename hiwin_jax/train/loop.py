@@ -198,7 +198,6 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
       enable_async_checkpointing=bool(cfg.checkpoint.async_save))
   mngr = ocp.CheckpointManager(out / "checkpoints", options=options,
                                item_names=("state", "data"))
-  state, start = trainer.init_state(), 0
   latest = mngr.latest_step()
   if latest is not None and not cfg.checkpoint.resume:
     raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step "
@@ -211,6 +210,8 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
     state, start = restored["state"], int(restored["state"]["step"])
     data.set_state(restored["data"])
     log.info("resumed from %s at step %d", out / "checkpoints", start)
+  else:
+    state, start = trainer.init_state(), 0
 
   metrics_path = out / METRICS_FILE
   history = _read_metrics(metrics_path, start) if lead else []

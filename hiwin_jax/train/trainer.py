@@ -178,23 +178,26 @@ def train_step(graphdef, st: StepSettings, state: dict, frozen: dict, batch: dic
   params, step = state["params"], state["step"]
   key = jax.random.fold_in(jax.random.key(st.seed), step)
 
-  def micro(carry, inputs):
-    grads, loss_sum, tokens = carry
-    mb, i = inputs
-
+  def micro_grads(mb, i):
     def loss_fn(p):
       model = nnx.merge(graphdef, p, frozen)
       rng = jax.random.fold_in(key, i) if st.jbu_dropout else None
       logits, _ = model(mb, dropout_rng=rng)
       return cross_entropy_sum(logits, mb["labels"])
-
-    (ce, n), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return (jax.tree.map(jnp.add, grads, g), loss_sum + ce, tokens + n), None
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   k = batch["input_ids"].shape[0]
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads, loss_sum, tokens), _ = jax.lax.scan(micro, init, (batch, jnp.arange(k)))
+  if k == 1:  # no accumulator: one parameter-sized buffer fewer
+    (loss_sum, tokens), grads = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
+  else:
+    def micro(carry, inputs):
+      grads, loss_sum, tokens = carry
+      (ce, n), g = micro_grads(*inputs)
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + ce, tokens + n), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32))
+    (grads, loss_sum, tokens), _ = jax.lax.scan(micro, init, (batch, jnp.arange(k)))
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
   updates, opt_state = st.optimizer.update(grads, state["opt_state"], params)
@@ -309,18 +312,30 @@ class Trainer:
     opt_key = (json.dumps(cfg.train.optimizer.to_dict(), sort_keys=True), self.total_steps)
     self.settings = StepSettings(seed, bool(cfg.train.jbu_dropout), self.optimizer, opt_key)
     self.peak_flops = peak_flops_per_device(cfg.train)
-    self._compiled: dict = {}
+    self._params_taken = False
 
   # -- state --
   def init_state(self) -> dict:
-    """{"params": trainable pure dict, "opt_state", "step": int32}, placed on the mesh."""
+    """{"params": trainable pure dict, "opt_state", "step": int32}, placed on the mesh.
+
+    Once per Trainer: the initial parameters move into the state (donated), so no second copy
+    of them stays alive beside the training state."""
     if self.abstract:
       raise RuntimeError("an abstract Trainer has no weights; use abstract_state()")
-    @functools.partial(jax.jit, out_shardings=self.state_shardings)
+    if self._params_taken:
+      raise RuntimeError("init_state() was already called: the initial parameters moved into "
+                         "that state (restore a checkpoint or build a new Trainer)")
+
+    @functools.partial(jax.jit, out_shardings=self.state_shardings, donate_argnums=(0,))
     def init(params):
       return {"params": params, "opt_state": self.optimizer.init(params),
               "step": jnp.zeros((), jnp.int32)}
-    return init(self._params)
+    params = self._params
+    self._params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+        self.param_shardings)
+    self._params_taken = True
+    return init(params)
 
   def abstract_state(self) -> dict:
     """ShapeDtypeStructs with this mesh's shardings (the orbax restore target: a checkpoint
