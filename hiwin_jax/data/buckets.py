@@ -42,6 +42,12 @@ def default_buckets(max_patches: int = MAX_PATCHES, ratio_step: float = 2.0,
   return tuple(out)
 
 
+def model_buckets(vision_cfg) -> tuple[tuple[int, int], ...]:
+  """The default buckets for a ViT config: items hold at most (image_size / patch_size)^2
+  patches (576 for CLIP-L/14-336)."""
+  return default_buckets((int(vision_cfg.image_size) // int(vision_cfg.patch_size)) ** 2)
+
+
 def assign_bucket(h: int, w: int, buckets: Sequence[tuple[int, int]]) -> int:
   """Index of the smallest-area bucket whose canvas holds an (h, w) grid."""
   fits = [(hc * wc, i) for i, (hc, wc) in enumerate(buckets) if h <= hc and w <= wc]

@@ -111,7 +111,8 @@ def resize_keep_ratio(img: Image.Image, max_size: int, variant: Variant = "r1") 
 
 
 def train_pre_resize(img: Image.Image, path: str, rng: np.random.Generator, *,
-                     variant: Variant = "r1") -> Image.Image:
+                     variant: Variant = "r1",
+                     scale_resolution: int = slicing.SCALE_RESOLUTION) -> Image.Image:
   """Training-time pre-resize before slicing (R1 `LazySupervisedDataset`, spec §1.4 steps 1-2).
 
   - A path containing 'TextVQA' or 'textvqa': `resize_keep_ratio(img, 1024, variant)`; `rng` is
@@ -119,7 +120,8 @@ def train_pre_resize(img: Image.Image, path: str, rng: np.random.Generator, *,
   - Otherwise exactly one `rng.random()` is drawn; if it is < 0.1 and the image does not already
     give 6 slices at max_slice_nums=7, the image is rescaled (BICUBIC) by
     r = sqrt(6·336² / (W·H)) to (int(W·r), int(H·r)) (each clamped to >= 1), so its area is
-    under 6·336² and the slicer's candidate counts become 5, 6, 7.
+    under 6·336² and the slicer's candidate counts become 5, 6, 7 (336 = `scale_resolution`,
+    the ViT's input side).
   The official code draws from Python's global `random`; a per-sample numpy Generator keeps this
   reproducible across grain workers.
   """
@@ -127,9 +129,9 @@ def train_pre_resize(img: Image.Image, path: str, rng: np.random.Generator, *,
     return resize_keep_ratio(img, TRAIN_TEXTVQA_MAX_SIZE, variant)
   width, height = img.size
   draw = rng.random()
-  plan = slicing.plan_slices(width, height, slicing.TRAIN_MAX_SLICE_NUMS)
+  plan = slicing.plan_slices(width, height, slicing.TRAIN_MAX_SLICE_NUMS, scale_resolution)
   if draw < TRAIN_RESIZE_PROB and plan.num_slices != TRAIN_TARGET_SLICES:
-    s = slicing.SCALE_RESOLUTION
+    s = scale_resolution
     r = math.sqrt(TRAIN_TARGET_SLICES * s * s / (width * height))
     return img.resize((max(1, int(width * r)), max(1, int(height * r))), Image.Resampling.BICUBIC)
   return img

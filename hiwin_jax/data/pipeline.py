@@ -331,10 +331,13 @@ class Settings:
   newline_token: int
   comma_token: int
   buckets: tuple[tuple[int, int], ...]
+  scale_resolution: int = slicing.SCALE_RESOLUTION  # the ViT's input side (model.vision)
 
   @classmethod
   def from_configs(cls, data_cfg, model_cfg) -> Settings:
     proj = model_cfg.projector if "projector" in model_cfg else model_cfg
+    side = (int(model_cfg.vision.image_size) if "vision" in model_cfg
+            else slicing.SCALE_RESOLUTION)
     if data_cfg.remainder not in ("pad", "drop"):
       raise ValueError(f"data.remainder must be 'pad' or 'drop', got {data_cfg.remainder!r}")
     return cls(str(data_cfg.template), bool(data_cfg.slicing), int(data_cfg.max_slice_nums),
@@ -342,10 +345,10 @@ class Settings:
                int(data_cfg.global_batch_size), int(data_cfg.grad_accum), int(data_cfg.seed),
                bool(data_cfg.shuffle), str(data_cfg.remainder), int(data_cfg.epochs),
                str(proj.layout), int(proj.newline_token), int(proj.comma_token),
-               bucket_lib.default_buckets())
+               bucket_lib.default_buckets((side // slicing.PATCH_SIZE) ** 2), side)
 
   def plan_slices(self, size) -> slicing.SlicePlan:
-    return slicing.plan_slices(size[0], size[1], self.max_slice_nums,
+    return slicing.plan_slices(size[0], size[1], self.max_slice_nums, self.scale_resolution,
                                never_split=not self.slicing)
 
   def geometry(self, size) -> tuple[int, int, int, int]:
@@ -401,7 +404,8 @@ def scan(source, tokenizer, settings: Settings, cache_dir: str | None = None) ->
   config fields that change it)."""
   key = json.dumps([_META_VERSION, source.fingerprint(), _tokenizer_fingerprint(tokenizer),
                     settings.template, settings.slicing, settings.max_slice_nums,
-                    settings.max_length, settings.layout, settings.buckets])
+                    settings.max_length, settings.layout, settings.buckets,
+                    settings.scale_resolution])
   digest = hashlib.sha1(key.encode()).hexdigest()[:20]
   cache = pathlib.Path(cache_dir) / f"hiwin-data-meta-{digest}" if cache_dir else None
   if cache is not None and (cache.with_suffix(".json")).is_file():
@@ -466,8 +470,8 @@ def _check_sample(got: Inspected, tokenizer, settings: Settings):
   row = {"width": 0, "height": 0, "has_image": has_image, "augmentable": False,
          "text_len": text_len, "ov": -1, "sl": -1, "n": 0, "length": text_len}
   if has_image:
-    base = image_lib.train_pre_resize(_SizeOnly(got.size), record.image_path,
-                                      _Draw(_NO_DRAW)).size
+    base = image_lib.train_pre_resize(_SizeOnly(got.size), record.image_path, _Draw(_NO_DRAW),
+                                      scale_resolution=settings.scale_resolution).size
     try:
       ov, sl, n, tokens = settings.geometry(base)
     except ValueError as e:
@@ -563,7 +567,8 @@ class Plan:
     for pos in np.flatnonzero(candidates):
       d = float(all_draws[a["index"][pos]])
       base = (int(a["width"][pos]), int(a["height"][pos]))
-      new = image_lib.train_pre_resize(_SizeOnly(base), "", _Draw(d)).size
+      new = image_lib.train_pre_resize(_SizeOnly(base), "", _Draw(d),
+                                       scale_resolution=s.scale_resolution).size
       if new == base:
         continue
       try:
@@ -657,14 +662,16 @@ class StepLoader:
         img = image_lib.load_image(image, name=f"{record.id}: {record.image_path}")
       except image_lib.ImageError as e:
         raise _LoadError("unreadable_image", str(e)) from e
-      img = image_lib.train_pre_resize(img, record.image_path, _Draw(ep.draw[pos]))
+      img = image_lib.train_pre_resize(img, record.image_path, _Draw(ep.draw[pos]),
+                                       scale_resolution=s.scale_resolution)
       base = (int(a["width"][pos]), int(a["height"][pos]))
       expected = base if _is_textvqa(record.image_path) else image_lib.train_pre_resize(
-          _SizeOnly(base), "", _Draw(ep.draw[pos])).size
+          _SizeOnly(base), "", _Draw(ep.draw[pos]), scale_resolution=s.scale_resolution).size
       if img.size != expected:
         raise _LoadError("size_mismatch", f"{record.id}: image is {img.size} after the "
                          f"pre-resize, the plan (from its header) expected {expected}")
-      res = slicing.slice_image(img, s.max_slice_nums, never_split=not s.slicing)
+      res = slicing.slice_image(img, s.max_slice_nums, s.scale_resolution,
+                                never_split=not s.slicing)
       items = [image_lib.clip_normalize(x) for x in res.slices + [res.overview]]
       layouts = [layout_lib.image_layout(res.grid, s.layout, s.newline_token, s.comma_token)]
     seq = layout_lib.splice(ex.input_ids, ex.labels, layouts, pad_id=self.tokenizer.pad_id)

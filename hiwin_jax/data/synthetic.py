@@ -257,7 +257,8 @@ def _check_args(n_train: int, n_eval: int, image_size: Sequence[int],
 def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
                image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
                mark_size: Sequence[int] = DEFAULT_MARK_SIZE,
-               background: str = "shapes") -> SyntheticTask:
+               background: str = "shapes",
+               scale_resolution: int = slicing.SCALE_RESOLUTION) -> SyntheticTask:
   """Writes the task's images and LLaVA json files into `folder` (see the module docstring).
 
   Args:
@@ -269,6 +270,7 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
     mark_size: (min, max) side of the mark in pixels.
     background: "shapes" (grey shapes on grey, a few kB per PNG) or "photo" (lightened
       grayscale scikit-image photo crops, ~60-90 kB per PNG).
+    scale_resolution: the model's ViT input side (the slicer's unit; only `grid` depends on it).
   Returns:
     The paths, the answer set per category and the slice grid of the image size.
   """
@@ -276,7 +278,7 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
   folder = pathlib.Path(folder)
   image_folder = folder / "images"
   image_folder.mkdir(parents=True, exist_ok=True)
-  plan = slicing.plan_slices(*size, slicing.TRAIN_MAX_SLICE_NUMS)
+  plan = slicing.plan_slices(*size, slicing.TRAIN_MAX_SLICE_NUMS, scale_resolution)
 
   pretrain, sft, eval_records, marks = [], [], [], {}
   for split, prefix, n in ((_TRAIN, "train", n_train), (_EVAL, "eval", n_eval)):

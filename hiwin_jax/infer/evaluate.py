@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hiwin_jax.data import buckets as B
 from hiwin_jax.data import image as I
 from hiwin_jax.data import slicing
 from hiwin_jax.infer import requests as R
@@ -172,7 +173,8 @@ def answer_questions(model, tokenizer, cfg_model, questions_path, image_folder, 
           if log:
             log.warning("question %s: %s", q["question_id"], e)
       if ready:
-        result = generator(R.collate([p for _, p in ready]), gen)
+        result = generator(R.collate([p for _, p in ready], B.model_buckets(cfg_model.vision)),
+                           gen)
         for (q, _), toks, n in zip(ready, result.tokens, result.lengths):
           write(q, tokenizer.decode([int(t) for t in toks[:n]], skip_special_tokens=True).strip())
       out.flush()
@@ -336,7 +338,8 @@ def main(args, overrides) -> int:
         stream.text = text
     stream.text = ""
     streaming = gen.num_beams == 1 and len(prepared) == 1
-    out = Generator(model)(R.collate(prepared), gen, seed=args.seed,
+    out = Generator(model)(R.collate(prepared, B.model_buckets(cfg_model.vision)), gen,
+                           seed=args.seed,
                            stream=stream if streaming else None)
     if streaming:
       sys.stdout.write("\n")

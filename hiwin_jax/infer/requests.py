@@ -68,7 +68,7 @@ def image_items(img: Image.Image, cfg_model, *, image_folder: str = "",
   normalisation -> (layout span, items [slices..., overview])."""
   if pre_resize:
     img = I.eval_pre_resize(img, image_folder, variant)
-  res = slicing.slice_image(img, max_slice_nums)
+  res = slicing.slice_image(img, max_slice_nums, int(cfg_model.vision.image_size))
   items = tuple(I.clip_normalize(x) for x in res.slices) + (I.clip_normalize(res.overview),)
   proj = cfg_model.projector
   span = L.image_layout(res.grid, proj.layout, proj.newline_token, proj.comma_token)
@@ -121,7 +121,8 @@ def prepare(question: str, image: Image.Image | None, tokenizer, cfg_model, *,
 
 def collate(prepared: Sequence[Prepared], buckets=None, seq_len: int | None = None,
             pad_id: int = 0) -> dict[str, Any]:
-  """Right-padded batch (numpy) of prepared requests; `seq_len` defaults to the longest."""
+  """Right-padded batch (numpy) of prepared requests; `seq_len` defaults to the longest;
+  `buckets` default to CLIP-L/14-336's (`buckets.model_buckets(cfg_model.vision)` for others)."""
   if not prepared:
     raise ValueError("collate needs at least one request")
   buckets = B.default_buckets() if buckets is None else buckets
