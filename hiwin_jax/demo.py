@@ -1,11 +1,20 @@
-"""`hiwin demo`: the most complete offline end-to-end run the project has so far.
+"""`hiwin demo`: the offline main job. A tiny LLaVA-UHD v2 learns a high-resolution task on CPU.
 
-It builds the tiny LLaVA-UHD v2 model directly in its sharded layout on every local device, slices
-real photos (scikit-image's bundled ones) with the official adaptive slicing, packs the slices and
-overviews into shape buckets, runs ViT -> JBU -> Hiwin -> LLaMA, decodes greedily with the KV
-cache and checks every token against recomputing the full forward, then exports the model to the
-official PyTorch checkpoint layout, converts it back and checks every tensor. Everything lands in
-`out`.
+The task (`data/synthetic.py`): 336x168 images that slice into two 168x168 slices plus an
+overview (the tiny model's ViT takes 168 px, a quarter of CLIP-L's work per slice), each with
+one small coloured mark (8-14 px) on a cluttered background; questions ask
+its colour (4 answers) and its side (2 answers), so answers depend on a small detail of a large
+image. A small LLaMA-style SentencePiece tokenizer is trained on the task's text.
+
+The run, every part of it the library's real code path:
+  0. stage 0: the JBU (VDIM) pre-trained on scikit-image's photos, on the features of the
+     model's own (initial) ViT, exported to and re-imported from the HF CLIP layout;
+  1. stage 1: projector pre-training on captions (`plain`, overview only, projector trainable);
+  2. stage 2: fine-tuning on the questions (`vicuna_v1`, slicing on, LLM + ViT + projector);
+  then held-out accuracy of the untrained and the trained model through `hiwin eval`'s code
+  (greedy decoding with the KV cache), a few generated answers, and the official PyTorch export
+  of the trained model reloaded and compared tensor by tensor. Outputs (checkpoints, TensorBoard
+  logs, loss curves, answers) go to one folder, named at the end.
 """
 
 from __future__ import annotations
@@ -16,107 +25,190 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from hiwin_jax import config as C
-from hiwin_jax.data import buckets as B
-from hiwin_jax.data import image as I
-from hiwin_jax.data import layout as Lay
-from hiwin_jax.data import slicing
-from hiwin_jax.models.layers import Precision
-from hiwin_jax.models.llava_uhd import LlavaUHD
-from hiwin_jax.parallel import mesh as M
-from hiwin_jax.parallel import sharding as S
+from hiwin_jax.data import synthetic as SY
 
 log = logging.getLogger("hiwin.demo")
-NEW_TOKENS = 8
+
+SEED = 0
+N_TRAIN, N_EVAL = 320, 24
+STEPS = {"stage0": 8, "stage1": 40, "stage2": 150}
+BATCH = 8
+# CPU-sized slices: the tiny model's ViT takes 168 px (12x12 patches) instead of CLIP-L's 336, so
+# the slicer cuts at 168 px and every tower does a quarter of the work; the task's images and
+# marks are scaled to match (336x168 images = two 168x168 slices + an overview).
+VIEW = 168
+IMAGE_SIZE, MARK_SIZE = (2 * VIEW, VIEW), (8, 14)
+MODEL_OVERRIDES = [f"--config.model.vision.image_size={VIEW}"]
 
 
-def _samples(cfg, rng):
-  """(name, size, spliced sequence, item pixels) for two photos and random prompt ids."""
-  from PIL import Image
-  from skimage import data
-  proj = cfg.model.projector
-  photos = [("coffee", Image.fromarray(data.coffee())),
-            ("astronaut", Image.fromarray(data.astronaut()).resize((300, 420), Image.BICUBIC))]
-  out = []
-  for name, img in photos:
-    res = slicing.slice_image(img, slicing.TRAIN_MAX_SLICE_NUMS)
-    items = [I.clip_normalize(x) for x in res.slices] + [I.clip_normalize(res.overview)]
-    span = Lay.image_layout(res.grid, proj.layout, proj.newline_token, proj.comma_token)
-    prompt = rng.integers(3, cfg.model.llm.vocab_size, size=int(rng.integers(6, 12)))
-    ids = np.concatenate([[cfg.model.llm.bos_token_id], prompt[:3], [Lay.IMAGE_TOKEN_INDEX],
-                          prompt[3:]])
-    out.append((name, img.size, res, Lay.splice(ids, None, [span]), items))
-  return out
+def _stage_cfg(name: str, task, out: pathlib.Path, overrides, **extra) -> C.ConfigDict:
+  data_json = task.pretrain_json if name == "tiny_stage1" else task.sft_json
+  cfg = C.load_config(name, [f"--config.data.json={data_json}",
+                             f"--config.data.image_folder={task.image_folder}",
+                             f"--config.data.tokenizer={out / 'tokenizer'}",
+                             f"--config.data.global_batch_size={BATCH}",
+                             f"--config.data.epochs={1 + STEPS['stage2'] * BATCH // N_TRAIN}",
+                             "--config.mesh.data=-1", *MODEL_OVERRIDES, *overrides])
+  for key, value in extra.items():
+    C.apply_overrides(cfg, [f"--config.{key}={value}"])
+  return cfg
 
 
-def _timed(f, *args):
-  out = jax.block_until_ready(f(*args))  # compile
+def _initial_model(cfg, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """Random tiny model -> `init/` (hiwin checkpoint) and its ViT in the HF CLIP layout."""
+  from ckpt_convert import core, formats
+  from hiwin_jax.models.layers import Precision
+  from hiwin_jax.models.llava_uhd import LlavaUHD
+  from hiwin_jax.train import checkpoint
+  model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(SEED))
+  init = checkpoint.write_params(out / "init", core.model_params(model),
+                                 {"format": "llava-uhd", "model": cfg.model.to_dict()})
+  clip = out / "init_clip_hf"
+  formats.export_model("hf-clip", model.vision, cfg.model.vision, clip)
+  return init, clip
+
+
+def _stage0(cfg_model, clip: pathlib.Path, out: pathlib.Path) -> dict:
+  from hiwin_jax.train import vdim
+  cfg = C.load_config("vdim_stage0_tiny")
+  cfg.vision = C.ConfigDict(cfg_model.vision.to_dict())
+  cfg.vision_weights = str(clip)
+  cfg.steps = STEPS["stage0"]
+  cfg.data.update(image_size=112, batch_size=2)  # 8x8 patches: positions resized from 12x12
+  cfg.loss.max_pad = 10
+  cfg.checkpoint.update(every=STEPS["stage0"], keep=1)
+  return vdim.run_vdim(cfg, out / "stage0")
+
+
+def _evaluate(checkpoint_dir: pathlib.Path, task, out: pathlib.Path, name: str) -> dict:
+  """Greedy answers to the held-out questions (the `hiwin eval` code path) and their score."""
+  from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
+  from hiwin_jax.infer import evaluate as E
+  from hiwin_jax.infer.generate import GenerationConfig
+  model, cfg_model = E.load_model(str(checkpoint_dir))
+  tok = LlamaSpmTokenizer(out / "tokenizer")
+  answers = out / f"answers_{name}.jsonl"
+  answers.unlink(missing_ok=True)
+  E.answer_questions(model, tok, cfg_model, task.eval_jsonl, task.image_folder, answers,
+                     gen=GenerationConfig(max_new_tokens=4, eos_token_id=2),
+                     settings=E.EvalSettings(batch_size=16, model_id=name), progress=False)
+  rows = E.read_jsonl(answers)
+  preds = {r["question_id"]: r["text"] for r in rows}
+  return {"score": SY.score(preds, task.eval_records()), "answers": rows}
+
+
+def _check_official_export(final: pathlib.Path, official: pathlib.Path, cfg_model) -> int:
+  """The exported official PyTorch checkpoint, converted back, equals the trained params."""
+  from ckpt_convert import llava_uhd
+  from hiwin_jax.train import checkpoint
+  ours, _ = checkpoint.read_params(final)
+  _, back = llava_uhd.import_official(official, None, cfg_model)
+  missing = sorted(set(ours) - set(back))
+  if missing:
+    raise AssertionError(f"official export lost {len(missing)} tensors, e.g. {missing[:3]}")
+  bad = [k for k in ours if not np.array_equal(np.asarray(ours[k]), np.asarray(back[k]))]
+  if bad:
+    raise AssertionError(f"official export round trip changed {len(bad)} tensors, e.g. {bad[:3]}")
+  return len(ours)
+
+
+def _fmt(score: dict) -> str:
+  cats = ", ".join(f"{c} {s['accuracy']:.0%} (chance {s['chance']:.0%})"
+                   for c, s in score["per_category"].items())
+  return f"{score['accuracy']:.1%} overall (chance {score['chance']:.1%}); {cats}"
+
+
+def run(config: str, overrides, out: str | pathlib.Path) -> int:
+  """`config`: the model config the stage configs start from (only `tiny` is CPU-sized)."""
+  t0 = time.perf_counter()
+  out = pathlib.Path(out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  if config != "tiny":
+    raise SystemExit(f"hiwin demo trains the tiny model (configs/tiny_stage1.py, "
+                     f"tiny_stage2.py) on 2 CPU cores; --config {config!r} is not CPU-sized")
+  print(f"hiwin demo: {jax.device_count()} {jax.devices()[0].platform} device(s); outputs in {out}",
+        flush=True)
+
+  task = SY.write_task(out / "task", N_TRAIN, N_EVAL, seed=SEED, image_size=IMAGE_SIZE,
+                       mark_size=MARK_SIZE, scale_resolution=VIEW)
+  SY.make_tokenizer(out / "tokenizer", task.texts())
+  print(f"task: {task.n_train} training / {task.n_eval} held-out images of {task.image_size}, "
+        f"slice grid {task.grid}; questions: colour of a small mark (4 answers), its side "
+        f"(2 answers)", flush=True)
+
+  cfg1 = _stage_cfg("tiny_stage1", task, out, overrides)
+  init, clip = _initial_model(cfg1, out)
+  timings = {}
+
   t = time.perf_counter()
-  out = jax.block_until_ready(f(*args))
-  return out, time.perf_counter() - t
+  print("\n== stage 0: VDIM (JBU) pre-training on the initial ViT's features ==", flush=True)
+  s0 = _stage0(cfg1.model, clip, out)
+  timings["stage0"] = time.perf_counter() - t
 
+  t = time.perf_counter()
+  print("\n== untrained model: held-out accuracy ==", flush=True)
+  before = _evaluate(init, task, out, "untrained")
+  print(f"untrained: {_fmt(before['score'])}", flush=True)
+  timings["eval_untrained"] = time.perf_counter() - t
 
-def run(config: str, overrides, out: str) -> int:
-  cfg = C.load_config(config, overrides)
-  out_dir = pathlib.Path(out).resolve()
-  out_dir.mkdir(parents=True, exist_ok=True)
-  precision = Precision.from_config(cfg.model.precision)
-  mesh = M.make_mesh(cfg.mesh)
-  rules = cfg.mesh.rules
-  log.info("mesh %s over %d %s device(s)", dict(mesh.shape), mesh.size, jax.default_backend())
-  report: dict = {"config": cfg.name, "mesh": dict(mesh.shape)}
+  from hiwin_jax.train import loop
+  t = time.perf_counter()
+  print("\n== stage 1: projector pre-training (captions, overview only) ==", flush=True)
+  cfg1 = _stage_cfg("tiny_stage1", task, out, overrides,
+                    **{"train.num_steps": STEPS["stage1"], "init.checkpoint": init,
+                       "init.vdim": out / "stage0"})
+  s1 = loop.run_training(cfg1, out / "stage1")
+  timings["stage1"] = time.perf_counter() - t
 
-  model = S.create_sharded(lambda: LlavaUHD(cfg.model, precision, rngs=nnx.Rngs(cfg.seed)),
-                           mesh, rules)
-  graphdef, state = nnx.split(model)
-  samples = _samples(cfg, np.random.default_rng(cfg.seed))
-  for name, size, res, seq, items in samples:
-    log.info("image %-9s %4dx%-4d -> %s slices%s + overview %dx%d patches -> %d LLM positions",
-             name, *size, len(res.slices), f" of {res.slice_patches[0]}x{res.slice_patches[1]} "
-             f"patches, grid {res.grid[0]}x{res.grid[1]}" if res.slices else "",
-             *res.overview_patches, len(seq.input_ids))
-  seq_len = max(len(s.input_ids) for *_, s, _ in samples) + NEW_TOKENS
-  batch = B.make_batch([(s, items) for *_, s, items in samples], B.default_buckets(), seq_len)
-  log.info("buckets: %s", ", ".join(f"{b['pixels'].shape[0]} slot(s) of {b['pixels'].shape[1]}x"
-                                     f"{b['pixels'].shape[2]} px" for b in batch["buckets"]))
-  batch = jax.tree.map(jnp.asarray, batch)
+  t = time.perf_counter()
+  print("\n== stage 2: fine-tuning (questions, slicing on; LLM + ViT + projector) ==", flush=True)
+  cfg2 = _stage_cfg("tiny_stage2", task, out, overrides,
+                    **{"train.num_steps": STEPS["stage2"], "init.checkpoint": s1["final"],
+                       "init.vdim": out / "stage0", "export.official": True,
+                       "export.dtype": "float32"})
+  s2 = loop.run_training(cfg2, out / "stage2")
+  timings["stage2"] = time.perf_counter() - t
 
-  generate = jax.jit(lambda st, b: nnx.merge(graphdef, st).generate(b, NEW_TOKENS))
-  forward = jax.jit(lambda st, b: nnx.merge(graphdef, st)(b)[0])
-  with jax.set_mesh(mesh), S.use_rules(rules):
-    tokens, secs = _timed(generate, state, batch)
-    # Reference: append each generated token after the prompt and recompute everything.
-    lengths = np.asarray(batch["attention_mask"]).sum(1)
-    ids, mask = np.asarray(batch["input_ids"]).copy(), np.asarray(batch["attention_mask"]).copy()
-    ref = []
-    for t in range(NEW_TOKENS):
-      logits = forward(state, dict(batch, input_ids=jnp.asarray(ids),
-                                   attention_mask=jnp.asarray(mask)))
-      nxt = np.asarray(jnp.argmax(logits, -1))[np.arange(len(lengths)), lengths + t - 1]
-      ids[np.arange(len(lengths)), lengths + t] = nxt
-      mask[np.arange(len(lengths)), lengths + t] = True
-      ref.append(nxt)
-  tokens = np.asarray(tokens)
-  same = bool(np.array_equal(tokens, np.stack(ref, 1)))
-  log.info("generate: %d new tokens for %d samples with the KV cache in %.2f s; equal to "
-           "recomputing the full forward per token: %s", NEW_TOKENS, len(samples), secs, same)
-  report["generate"] = {"tokens": tokens.tolist(), "seconds": secs, "matches_recompute": same}
+  t = time.perf_counter()
+  print("\n== trained model: held-out accuracy ==", flush=True)
+  after = _evaluate(pathlib.Path(s2["final"]), task, out, "trained")
+  print(f"trained:   {_fmt(after['score'])}", flush=True)
+  records = {r["question_id"]: r for r in task.eval_records()}
+  for row in after["answers"][:6]:
+    q = records[row["question_id"]]
+    print(f"  {q['image']}: {q['text']!r} -> {row['text']!r} (truth {q['answer']!r})")
+  timings["eval_trained"] = time.perf_counter() - t
 
-  # Export to the official LLaVA-UHD v2 layout (bf16, as released) and convert back.
-  from ckpt_convert import core, llava_uhd
-  params = core.model_params(model)
-  folder = llava_uhd.export_official(params, cfg.model, out_dir / "official")
-  _, back = llava_uhd.import_official(folder, dtype="bfloat16", cfg_model=cfg.model)
-  exact = all(np.array_equal(back[k], v.astype(ml_dtypes.bfloat16)) for k, v in params.items())
-  log.info("convert: exported %d tensors to %s (official layout, bf16) and re-imported them; "
-           "bit-exact: %s", len(params), folder, exact)
-  report["official_round_trip"] = exact
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-  ok = same and exact
-  log.info("demo %s; outputs in %s", "passed" if ok else "FAILED", out_dir)
-  return 0 if ok else 1
+  n = _check_official_export(pathlib.Path(s2["final"]), out / "stage2" / "official", cfg2.model)
+  print(f"\nofficial PyTorch export: {out / 'stage2' / 'official'}; {n} tensors reloaded and "
+        f"equal to the trained parameters", flush=True)
+
+  summary = {
+      "accuracy_untrained": before["score"], "accuracy_trained": after["score"],
+      "stage0_loss": [s0["losses"][0], s0["losses"][-1]],
+      "stage1_loss": [s1["losses"][0], s1["losses"][-1]],
+      "stage2_loss": [s2["losses"][0], s2["losses"][-1]],
+      "skipped_samples": {"stage1": s1["skipped"], "stage2": s2["skipped"]},
+      "seconds": {**timings, "total": time.perf_counter() - t0},
+  }
+  chance = after["score"]["chance"]
+  beats = (after["score"]["accuracy"] > chance + 0.1
+           and after["score"]["accuracy"] > before["score"]["accuracy"] + 0.1)
+  summary["trained_beats_chance"] = beats
+  (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+  print(f"\nlosses: stage 0 {s0['losses'][0]:.3f} -> {s0['losses'][-1]:.3f}, stage 1 "
+        f"{s1['losses'][0]:.3f} -> {s1['losses'][-1]:.3f}, stage 2 {s2['losses'][0]:.3f} -> "
+        f"{s2['losses'][-1]:.3f}")
+  verdict = ("above chance" if beats else
+             "NOT above chance: this short CPU run learns the answer format but not yet to read "
+             "the marks (see BUILD_NOTES.md, known gaps)")
+  print(f"accuracy: untrained {before['score']['accuracy']:.1%} -> trained "
+        f"{after['score']['accuracy']:.1%} (chance {chance:.1%}): {verdict}")
+  print(f"done in {summary['seconds']['total']:.0f} s. Outputs: {out} (task/, tokenizer/, "
+        f"stage0/, stage1/, stage2/ with checkpoints/, final/, tensorboard/, loss.png; "
+        f"stage2/official/; answers_*.jsonl; demo_summary.json)", flush=True)
+  return 0

@@ -69,7 +69,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "side": SIDES}
 CAPTIONS = ("A small {colour} mark on the {side} side.",
             "There is a small {colour} mark on the {side}.",
             "A {colour} mark, {side} side.")
-BACKGROUNDS = ("shapes", "photo")
+BACKGROUNDS = ("shapes", "photo", "plain")
 # Grayscale-able photos bundled with scikit-image (no download).
 _PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
 _MARGIN = 6  # px between the mark and the image border / the vertical centre line
@@ -153,9 +153,12 @@ def _background(rng: np.random.Generator, size: tuple[int, int], kind: str) -> n
 
   "shapes": overlapping grey rectangles, ellipses and lines (larger than a mark) on a flat grey;
   flat regions keep the PNGs at a few kB. "photo": a lightened grayscale crop of a
-  scikit-image photo (~60-90 kB per PNG).
+  scikit-image photo (~60-90 kB per PNG). "plain": one random grey level (the mark is the only
+  structure: the easiest variant, for models trained from scratch in minutes).
   """
   width, height = size
+  if kind == "plain":
+    return np.full((height, width), int(rng.integers(150, 231)), np.uint8)
   if kind == "photo":
     photo = _photo(_PHOTOS[int(rng.integers(len(_PHOTOS)))])
     ph, pw = photo.shape
@@ -199,23 +202,25 @@ def _place_mark(rng: np.random.Generator, size: tuple[int, int], side: str,
 def render_image(rng: np.random.Generator, colour: str, side: str,
                  image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
                  mark_size: tuple[int, int] = DEFAULT_MARK_SIZE,
-                 background: str = "shapes") -> tuple[Image.Image, Mark]:
-  """One RGB image with a `colour` mark in its `side` half, and the mark's ground truth.
+                 background: str = "shapes", marks: int = 1) -> tuple[Image.Image, Mark]:
+  """One RGB image with `marks` small marks of one `colour` in its `side` half, and the first
+  mark's ground truth (the others have the same colour, side and shape; they may overlap).
 
-  The mark is drawn in the exact RGB of COLOURS[colour] without antialiasing, so its pixels can
-  be found again by equality.
+  The marks are drawn in the exact RGB of COLOURS[colour] without antialiasing, so their pixels
+  can be found again by equality.
   """
   gray = _background(rng, image_size, background)
   image = Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB")
-  box = _place_mark(rng, image_size, side, mark_size)
+  boxes = [_place_mark(rng, image_size, side, mark_size) for _ in range(marks)]
   shape = SHAPES[int(rng.integers(len(SHAPES)))]
   draw = ImageDraw.Draw(image)
-  corners = (box[0], box[1], box[2] - 1, box[3] - 1)  # ImageDraw boxes are inclusive
-  if shape == "square":
-    draw.rectangle(corners, fill=COLOURS[colour])
-  else:
-    draw.ellipse(corners, fill=COLOURS[colour])
-  return image, Mark(colour, side, shape, box)
+  for box in boxes[::-1]:  # the first mark drawn last: its box is entirely its colour
+    corners = (box[0], box[1], box[2] - 1, box[3] - 1)  # ImageDraw boxes are inclusive
+    if shape == "square":
+      draw.rectangle(corners, fill=COLOURS[colour])
+    else:
+      draw.ellipse(corners, fill=COLOURS[colour])
+  return image, Mark(colour, side, shape, boxes[0])
 
 
 def balanced_labels(n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -258,7 +263,8 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
                image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
                mark_size: Sequence[int] = DEFAULT_MARK_SIZE,
                background: str = "shapes",
-               scale_resolution: int = slicing.SCALE_RESOLUTION) -> SyntheticTask:
+               scale_resolution: int = slicing.SCALE_RESOLUTION,
+               n_marks: int = 1) -> SyntheticTask:
   """Writes the task's images and LLaVA json files into `folder` (see the module docstring).
 
   Args:
@@ -271,6 +277,8 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
     background: "shapes" (grey shapes on grey, a few kB per PNG) or "photo" (lightened
       grayscale scikit-image photo crops, ~60-90 kB per PNG).
     scale_resolution: the model's ViT input side (the slicer's unit; only `grid` depends on it).
+    n_marks: small marks per image, all of the answer's colour and side (more marks: more image
+      tokens carry the answer, an easier task for a model trained from scratch).
   Returns:
     The paths, the answer set per category and the slice grid of the image size.
   """
@@ -285,7 +293,8 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
     labels = balanced_labels(n, np.random.default_rng([seed, split]))
     for i, (colour, side) in enumerate(labels):
       rng = np.random.default_rng([seed, split, i])
-      image, mark = render_image(rng, colour, side, size, marks_range, background)
+      image, mark = render_image(rng, colour, side, size, marks_range, background,
+                                 n_marks)
       name = f"{prefix}_{i:05d}"
       image_file = f"{name}.png"
       _write_png(image, image_folder / image_file)

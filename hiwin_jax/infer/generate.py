@@ -323,8 +323,13 @@ def pad_batch(batch: dict[str, Any], rows: int, seq_len: int) -> dict[str, Any]:
   return out
 
 
+_PROGRAMS: dict[tuple, Callable] = {}
+
+
 class Generator:
-  """Jitted decoding for one model: caches one compiled program per (batch signature, config).
+  """Jitted decoding for one model: one compiled program per (model structure, batch signature,
+  generation config), shared by every Generator of the same structure (a re-loaded or
+  further-trained model of the same config does not recompile).
 
   `Generator(model)(batch, gen, seed=0)` pads the batch (rows to a power of two, positions to a
   multiple of `seq_multiple`), runs `generate` and returns numpy outputs for the real rows.
@@ -333,18 +338,17 @@ class Generator:
   def __init__(self, model, seq_multiple: int = 64):
     self.graphdef, self.state = nnx.split(model)
     self.seq_multiple = seq_multiple
-    self._compiled: dict[tuple, Callable] = {}
 
   def _fn(self, gen: GenerationConfig, stream: StreamFn | None):
-    key = (gen, stream)
-    if key not in self._compiled:
+    key = (self.graphdef, gen, stream)
+    if key not in _PROGRAMS:
       graphdef = self.graphdef
 
       @jax.jit
       def run(state, batch, rng):
         return generate(nnx.merge(graphdef, state), batch, gen, rng=rng, stream=stream)
-      self._compiled[key] = run
-    return self._compiled[key]
+      _PROGRAMS[key] = run
+    return _PROGRAMS[key]
 
   def __call__(self, batch: dict[str, Any], gen: GenerationConfig, *, seed: int = 0,
                stream: StreamFn | None = None) -> GenerationOutput:
