@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   from hiwin_jax.infer import evaluate as infer_cli  # light: no jax at import
   gen = sub.add_parser(
-      "generate", help="answer one question about one image",
-      description="Loads a LLaVA-UHD v2 checkpoint and answers --prompt about --image with the "
+      "generate", help="answer a question about one or more images",
+      description="Loads a LLaVA-UHD v2 checkpoint and answers --prompt about each --image with the "
                   "official evaluation prompt (vicuna_v1, '<image>\\n' + question, eval "
                   "pre-resize, max_slice_nums 9); streams the answer to stdout.")
   infer_cli.add_model_args(gen)

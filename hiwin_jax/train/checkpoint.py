@@ -68,3 +68,14 @@ def read_params(folder: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict
   cfg_path = folder / CONFIG_NAME
   config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
   return flatten_tree(tree), config
+
+
+def latest_step(mngr, resume: bool) -> int | None:
+  """The step of the newest checkpoint an orbax CheckpointManager holds, None for a fresh run;
+  a clear error when the folder holds checkpoints and `resume` is False (no silent overwrite)."""
+  latest = mngr.latest_step()
+  if latest is not None and not resume:
+    raise FileExistsError(f"{mngr.directory} already holds checkpoints (latest step {latest}) "
+                          f"and checkpoint.resume is False: choose another output folder or "
+                          f"resume")
+  return latest

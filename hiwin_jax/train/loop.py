@@ -198,11 +198,7 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
       enable_async_checkpointing=bool(cfg.checkpoint.async_save))
   mngr = ocp.CheckpointManager(out / "checkpoints", options=options,
                                item_names=("state", "data"))
-  latest = mngr.latest_step()
-  if latest is not None and not cfg.checkpoint.resume:
-    raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step "
-                          f"{latest}) and checkpoint.resume is False: choose another output "
-                          f"folder or resume")
+  latest = checkpoint.latest_step(mngr, bool(cfg.checkpoint.resume))
   if latest is not None:
     restored = mngr.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(trainer.abstract_state()),

@@ -48,7 +48,7 @@ from hiwin_jax.models.layers import Linear, Precision, param
 from hiwin_jax.models.resize import apply_linear_taps, linear_taps, reflect_pad, resize_bilinear
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.parallel import sharding as S
-from hiwin_jax.train import vdim_data
+from hiwin_jax.train import checkpoint, vdim_data
 
 log = logging.getLogger("hiwin.vdim")
 
@@ -575,11 +575,7 @@ def run_vdim(cfg, out_dir: str | pathlib.Path, *,
   metrics_path = out / METRICS_FILE
   state = trainer.init_state()
   start = 0
-  latest = mngr.latest_step()
-  if latest is not None and not cfg.checkpoint.resume:
-    raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step "
-                          f"{latest}) and checkpoint.resume is False: choose another output "
-                          f"folder or resume")
+  latest = checkpoint.latest_step(mngr, bool(cfg.checkpoint.resume))
   if latest is not None:
     state = mngr.restore(latest, args=ocp.args.StandardRestore(trainer.abstract_state()))
     start = int(state["step"])
