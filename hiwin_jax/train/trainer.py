@@ -222,7 +222,8 @@ def model_flops(model_cfg, batch: Mapping, rules: ParamRules, param_paths: Seque
   mask = np.asarray(batch["attention_mask"]).reshape(-1, np.shape(batch["attention_mask"])[-1])
   llm_lengths = mask.sum(axis=1)
   llm = tower_flops(l_.num_layers, l_.hidden_size, l_.mlp_dim, l_.num_kv_heads * l_.head_dim,
-                    True, llm_lengths) + 2 * float(llm_lengths.sum()) * l_.hidden_size * l_.vocab_size
+                    True, llm_lengths)
+  llm += 2 * float(llm_lengths.sum()) * l_.hidden_size * l_.vocab_size  # lm_head
   grids = [np.asarray(b["grid"]).reshape(-1, 2) for b in batch.get("buckets", ())]
   patches = np.concatenate([g[:, 0] * g[:, 1] for g in grids]) if grids else np.zeros(0)
   patches = patches[patches > 0] + 1  # + CLS
