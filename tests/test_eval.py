@@ -99,7 +99,8 @@ def test_official_prompt_text():
 
 def test_official_prompt_ids_with_the_vicuna_tokenizer():
   import pathlib
-  folder = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "vicuna-tokenizer"
+  folder = (pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+            / "vicuna-tokenizer")
   if not (folder / "tokenizer.model").is_file():
     pytest.skip(f"no Vicuna tokenizer at {folder}")
   from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
