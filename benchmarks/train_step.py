@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -133,7 +132,6 @@ def make_samples(cfg):
 
 def host_batch(samples):
   """The trainer's host batch (tests/test_trainer.py's `host_batch`): one micro-batch."""
-  import numpy as np
   from hiwin_jax.data import buckets as B
   from hiwin_jax.train import trainer as T
   mb = B.make_batch(samples, B.default_buckets(), SEQ_LEN)
@@ -204,7 +202,6 @@ def run_jax(size, device, llm_layers, repeats, remat):
 
 def torch_model(cfg):
   """(clip, jbu, hiwin, llama) with the stage-2 trainable set; random weights."""
-  import torch
   import transformers
   from torch import nn
   from jbu import torch_jbu_stack
@@ -238,6 +235,7 @@ def run_torch(size, device, llm_layers, repeats, remat):
   import numpy as np
   import torch
   from torch import nn
+  from vision_path import torch_item_features
   F = nn.functional
   torch.manual_seed(0)
   dev = "cuda" if device == "gpu" else "cpu"
@@ -273,20 +271,7 @@ def run_torch(size, device, llm_layers, repeats, remat):
               else torch.autocast("cpu", enabled=False))
 
   def forward_loss():
-    keys, values, n_items = [], [], 0
-    for px, ks in group_px:
-      h, w = px.shape[-2] // 14, px.shape[-1] // 14
-      hidden = clip(pixel_values=px, output_hidden_states=True,
-                    interpolate_pos_encoding=True).hidden_states[-2][:, 1:]
-      f1 = hidden.transpose(1, 2).unflatten(2, (h, w))
-      f2 = jbu.up1(f1, F.adaptive_avg_pool2d(px, (2 * h, 2 * w)))
-      f4 = jbu.up2(f2, F.adaptive_avg_pool2d(px, (4 * h, 4 * w)))
-      f4 = f4 + 0.1 * jbu.fixup_proj(f4)
-      k, v = hiwin.group_keys({1: f1, 2: f2, 4: f4})
-      keys.append(k)
-      values.append(v)
-      n_items += len(ks)
-    feats = hiwin.attend(keys, values)[order]                           # (items, 144, E)
+    feats = torch_item_features(clip, jbu, hiwin, [px for px, _ in group_px])[order]
     flat = feats.reshape(-1, feats.shape[-1])
     text = llama.model.embed_tokens(ids)
     embeds = torch.where((tok >= 0)[..., None], flat[tok.clamp(min=0)].to(text.dtype), text)

@@ -286,13 +286,32 @@ def torch_hiwin(kv_dim: int, embed: int, heads: int):
   return Hiwin()
 
 
+def torch_item_features(clip, jbu, hiwin, groups):
+  """The official-style PyTorch vision path: per shape group (NCHW pixels) CLIP layer -2 ->
+  JBU 2x, 4x + the 4x fix-up -> Hiwin keys/values, then one attention over every item ->
+  (items in group order, 144, E)."""
+  import torch.nn.functional as F
+  keys, values = [], []
+  for px in groups:
+    h, w = px.shape[-2] // 14, px.shape[-1] // 14
+    hidden = clip(pixel_values=px, output_hidden_states=True,
+                  interpolate_pos_encoding=True).hidden_states[-2][:, 1:]
+    f1 = hidden.transpose(1, 2).unflatten(2, (h, w))                            # (B, C, h, w)
+    f2 = jbu.up1(f1, F.adaptive_avg_pool2d(px, (2 * h, 2 * w)))
+    f4 = jbu.up2(f2, F.adaptive_avg_pool2d(px, (4 * h, 4 * w)))
+    f4 = f4 + 0.1 * jbu.fixup_proj(f4)
+    k, v = hiwin.group_keys({1: f1, 2: f2, 4: f4})
+    keys.append(k)
+    values.append(v)
+  return hiwin.attend(keys, values)
+
+
 def run_torch(dims: dict, repeats: int) -> dict:
   import torch
   import transformers
   from torch import nn
   from torch.utils import flop_counter
   from jbu import torch_jbu_stack
-  F = nn.functional
 
   torch.manual_seed(0)
   c = dims["vision_width"]
@@ -318,19 +337,7 @@ def run_torch(dims: dict, repeats: int) -> dict:
       groups.append(t)
 
   def forward():
-    keys, values = [], []
-    for px in groups:
-      h, w = px.shape[-2] // 14, px.shape[-1] // 14
-      hidden = clip(pixel_values=px, output_hidden_states=True,
-                    interpolate_pos_encoding=True).hidden_states[-2][:, 1:]
-      f1 = hidden.transpose(1, 2).unflatten(2, (h, w))                          # (B, C, h, w)
-      f2 = jbu.up1(f1, F.adaptive_avg_pool2d(px, (2 * h, 2 * w)))
-      f4 = jbu.up2(f2, F.adaptive_avg_pool2d(px, (4 * h, 4 * w)))
-      f4 = f4 + 0.1 * jbu.fixup_proj(f4)
-      k, v = hiwin.group_keys({1: f1, 2: f2, 4: f4})
-      keys.append(k)
-      values.append(v)
-    return hiwin.attend(keys, values)
+    return torch_item_features(clip, jbu, hiwin, groups)
 
   # The CPU flash-attention op that sdpa dispatches to has no formula in the counter.
   cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
