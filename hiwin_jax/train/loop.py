@@ -294,8 +294,10 @@ def _export(trainer: Trainer, state: dict, cfg, out: pathlib.Path) -> pathlib.Pa
   params = trainer.params(state)
   checkpoint.write_params(folder, params, {"format": "llava-uhd", "model": cfg.model.to_dict()})
   if cfg.export.official:
+    from jax.experimental import multihost_utils
+
     from ckpt_convert import llava_uhd
-    host = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
+    host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
             if jax.process_count() > 1 else np.asarray(v) for k, v in params.items()}
     if jax.process_index() == 0:
       llava_uhd.export_official(host, cfg.model, out / "official", cfg.export.dtype)
