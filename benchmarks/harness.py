@@ -18,18 +18,24 @@ def _rss_mb(field: str) -> float:
     return next(int(l.split()[1]) for l in f if l.startswith(field)) / 1024
 
 
-def measure(fn: Callable[[], object], repeats: int) -> dict:
+def measure(fn: Callable[..., object], repeats: int,
+            setup: Callable[[], object] | None = None) -> dict:
   """Median wall time of `fn()` over `repeats` runs after one warm-up (compilation) run, and the
   peak resident memory during the timed runs (the high-water mark is reset after the warm-up, so
-  set-up transients such as random initialisation do not count; inputs and weights do)."""
-  fn()
+  set-up transients such as random initialisation do not count; inputs and weights do).
+
+  With `setup`, every run (the warm-up too) calls `fn(setup())` and times only `fn`: fresh inputs
+  for code that consumes them, e.g. a KV cache that a decode loop extends in place."""
+  def once() -> float:
+    args = () if setup is None else (setup(),)
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+  once()
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM (Linux)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
+  times = [once() for _ in range(repeats)]
   return {"seconds": statistics.median(times), "peak_mb": _rss_mb("VmHWM:")}
 
 

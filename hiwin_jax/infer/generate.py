@@ -159,8 +159,22 @@ def _stream(fn: StreamFn | None, step, tokens, active) -> None:
 # --- greedy and sampling -------------------------------------------------------------------------
 
 def _decode_simple(model, batch, gen: GenerationConfig, rng, stream):
+  logits, cache, lengths = prefill(model, batch, batch["input_ids"].shape[1] + gen.max_new_tokens)
+  return decode(model, logits, cache, lengths, gen, rng=rng, stream=stream)
+
+
+def decode(model, logits: jax.Array, cache, lengths: jax.Array, gen: GenerationConfig, *,
+           rng: jax.Array | None = None, stream: StreamFn | None = None) -> GenerationOutput:
+  """The greedy / sampling loop from a prefilled cache: `prefill`'s (logits, cache, lengths) ->
+  `max_new_tokens` new tokens (jit-able; `generate` is `prefill` then this).
+
+  Token 0 comes from the prefill logits, tokens 1..max_new_tokens-1 from one single-token LLM
+  step each, so the cache needs S + max_new_tokens - 1 slots (`generate` allocates S +
+  max_new_tokens). Not for beam search (`num_beams` must be 1).
+  """
+  if gen.num_beams > 1:
+    raise ValueError("decode runs greedy decoding or sampling only (num_beams=1)")
   n = gen.max_new_tokens
-  logits, cache, lengths = prefill(model, batch, batch["input_ids"].shape[1] + n)
   b = logits.shape[0]
   eos = -1 if gen.eos_token_id is None else gen.eos_token_id
   key = jax.random.PRNGKey(0) if rng is None else rng
