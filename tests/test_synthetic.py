@@ -83,6 +83,20 @@ def test_answers_are_balanced_across_classes(task):
   assert len({s["conversations"][0]["value"] for s in sft}) == 2
 
 
+def test_warmup_is_the_sft_text_with_a_true_caption_for_the_image(task):
+  sft, warmup, marks = _load(task.sft_json), _load(task.warmup_json), _load(task.marks_json)
+  assert len(warmup) == len(sft) == N_TRAIN
+  for image_sample, text_sample in zip(sft, warmup):
+    assert "image" not in text_sample and text_sample["id"] == image_sample["id"] + "-text"
+    first, *rest = text_sample["conversations"]
+    assert rest == image_sample["conversations"][1:]
+    caption, question = first["value"].split("\n")
+    assert "<image>" not in first["value"]
+    assert image_sample["conversations"][0]["value"] == "<image>\n" + question
+    mark = marks[image_sample["image"]]
+    assert caption in {c.format(colour=mark["colour"], side=mark["side"]) for c in S.CAPTIONS}
+
+
 def _check_mark(image: np.ndarray, mark: dict, where: str) -> None:
   colour = np.asarray(S.COLOURS[mark["colour"]], np.uint8)
   left, top, right, bottom = mark["box"]

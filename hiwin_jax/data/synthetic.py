@@ -21,6 +21,10 @@ ViT patch.
                   {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]}]
   sft.json        stage 2, `vicuna_v1` template: both questions about the image in random order,
                   two rounds: human "<image>\\n" + question, gpt answer, human question, gpt answer
+  warmup.json     text only, `vicuna_v1`: sft.json's conversations with the image replaced by a
+                  caption of it ("A small red mark on the left side.\\n" + question, ...): a
+                  text warm-up that teaches a from-scratch LLM the answer format and to take the
+                  answer from its context (what a pretrained LLM brings to LLaVA's stage 2)
   eval.jsonl      LLaVA question file, two lines per held-out image: {"question_id", "image",
                   "text" (the question without "<image>"; LLaVA's model_vqa prepends
                   "<image>\\n"), "category" ("colour" | "side"), "answer"}
@@ -99,6 +103,7 @@ class SyntheticTask:
   image_folder: pathlib.Path
   pretrain_json: pathlib.Path
   sft_json: pathlib.Path
+  warmup_json: pathlib.Path
   eval_jsonl: pathlib.Path
   marks_json: pathlib.Path
   answers: dict[str, tuple[str, ...]]
@@ -122,9 +127,10 @@ class SyntheticTask:
     out = []
     for sample in json.loads(self.pretrain_json.read_text(encoding="utf-8")):
       out.append(plain.render(conv.parse_conversation(sample["conversations"])))
-    for sample in json.loads(self.sft_json.read_text(encoding="utf-8")):
-      messages = conv.parse_conversation(conv.preprocess_multimodal(sample["conversations"]))
-      out.append(vicuna.render(messages))
+    for path in (self.sft_json, self.warmup_json):
+      for sample in json.loads(path.read_text(encoding="utf-8")):
+        messages = conv.parse_conversation(conv.preprocess_multimodal(sample["conversations"]))
+        out.append(vicuna.render(messages))
     out.extend(record["text"] for record in self.eval_records())
     return out
 
@@ -269,7 +275,8 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
 
   Args:
     folder: created if missing; existing files of the same names are overwritten.
-    n_train: training images (one pretrain caption and one two-round SFT sample each).
+    n_train: training images (one pretrain caption, one two-round SFT sample and its text-only
+      warm-up copy each).
     n_eval: held-out images (two eval.jsonl questions each).
     seed: everything written is a function of it.
     image_size: (width, height) of every image; one size means one compiled program per stage.
@@ -288,7 +295,7 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
   image_folder.mkdir(parents=True, exist_ok=True)
   plan = slicing.plan_slices(*size, slicing.TRAIN_MAX_SLICE_NUMS, scale_resolution)
 
-  pretrain, sft, eval_records, marks = [], [], [], {}
+  pretrain, sft, warmup, eval_records, marks = [], [], [], [], {}
   for split, prefix, n in ((_TRAIN, "train", n_train), (_EVAL, "eval", n_eval)):
     labels = balanced_labels(n, np.random.default_rng([seed, split]))
     for i, (colour, side) in enumerate(labels):
@@ -313,6 +320,9 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
                         "value": f"{IMAGE_TOKEN}\n{question}" if k == 0 else question})
           turns.append({"from": conv.GPT, "value": truth[category]})
         sft.append({"id": name, "image": image_file, "conversations": turns})
+        text_turns = [dict(t) for t in turns]
+        text_turns[0]["value"] = text_turns[0]["value"].replace(IMAGE_TOKEN, _caption(rng, mark))
+        warmup.append({"id": f"{name}-text", "conversations": text_turns})
       else:
         for category, question in QUESTIONS.items():
           eval_records.append({"question_id": f"{name}-{category}", "image": image_file,
@@ -321,10 +331,12 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
 
   paths = {key: folder / file for key, file in (("pretrain_json", "pretrain.json"),
                                                 ("sft_json", "sft.json"),
+                                                ("warmup_json", "warmup.json"),
                                                 ("eval_jsonl", "eval.jsonl"),
                                                 ("marks_json", "marks.json"))}
   _write_json(paths["pretrain_json"], pretrain)
   _write_json(paths["sft_json"], sft)
+  _write_json(paths["warmup_json"], warmup)
   _write_json(paths["marks_json"], marks)
   paths["eval_jsonl"].write_text("".join(json.dumps(r) + "\n" for r in eval_records),
                                  encoding="utf-8")
