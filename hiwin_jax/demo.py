@@ -2,7 +2,7 @@
 
 The task (`data/synthetic.py`): 336x168 images that slice into two 168x168 slices plus an
 overview (the tiny model's ViT takes 168 px, a quarter of CLIP-L's work per slice), each with
-one small coloured mark (24-40 px, 1-3% of the image) on a grey background; questions ask its
+one coloured mark (40-64 px, 3-7% of the image area) on a grey background; questions ask its
 colour (4 answers) and its side (2 answers), so answers depend on a small part of a large
 image. A small LLaMA-style SentencePiece tokenizer is trained on the task's text.
 
