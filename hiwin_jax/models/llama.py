@@ -62,17 +62,18 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                   precision: Precision) -> jax.Array:
   """Grouped-query attention, HF `eager_attention_forward` semantics, without repeating k/v.
 
-  q: [B, S, H, D], k/v: [B, T, KVH, D], mask: [B, S, T] bool (True = may attend) -> [B, S, H, D].
+  q: [B, S, H, D], k/v: [B, KVH, T, D] (the KV cache's layout: a decode step reads it without a
+  transpose), mask: [B, S, T] bool (True = may attend) -> [B, S, H, D].
   Query head h uses kv head h // (H / KVH), as `repeat_kv` does.
   """
   b, s, h, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1]
   qg = q.reshape(b, s, kvh, h // kvh, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, precision=precision.matmul,
+  scores = jnp.einsum("bskgd,bktd->bkgst", qg, k, precision=precision.matmul,
                       preferred_element_type=jnp.float32) * (d ** -0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=precision.matmul)
+  out = jnp.einsum("bkgst,bktd->bskgd", probs, v, precision=precision.matmul)
   return out.reshape(b, s, h, d)
 
 
@@ -127,7 +128,7 @@ class LlamaAttention(nnx.Module):
                index: jax.Array | None):
     """x: [B, S, E], cos/sin: [B, S, D], mask: [B, S, T] -> ([B, S, E], (k, v) or None).
 
-    Without a cache T == S. With `kv_cache` ([B, T, KVH, D] each), the S new keys/values are
+    Without a cache T == S. With `kv_cache` ([B, KVH, T, D] each), the S new keys/values are
     written at slots index..index+S-1 and the queries attend to the whole updated cache; the
     updated (k, v) are returned.
     """
@@ -137,17 +138,19 @@ class LlamaAttention(nnx.Module):
     v = checkpoint_name(self.v_proj(x), "value_proj").reshape(b, s, self.num_kv_heads,
                                                               self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                  # [B, KVH, S, D]
     new_kv = None
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       new_kv = (k_cache, v_cache)
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     if self.attention == "xla":
       ctx = xla_attention(q, k, v, mask, self.precision)
     elif self.attention == "cudnn":
-      ctx = cudnn_attention(q, k, v, None if causal_only else mask)
+      ctx = cudnn_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                            None if causal_only else mask)
     else:
       raise ValueError(f"unknown llm attention {self.attention!r}; choose 'xla' or 'cudnn'")
     ctx = checkpoint_name(ctx.reshape(b, s, self.num_heads * self.head_dim), "context")
@@ -218,13 +221,13 @@ class LlamaModel(nnx.Module):
     return self.embed_tokens(ids)
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache: k/v [L, B, T, KVH, D], valid [B, T] bool, index int32 (next free slot).
+    """An empty KV cache: k/v [L, B, KVH, T, D], valid [B, T] bool, index int32 (next free slot).
 
     Callers keep index + S <= max_len: under jit an overflowing write cannot raise, and
     `lax.dynamic_update_slice` would clamp it onto the last slots.
     """
     dtype = self.precision.dtype if dtype is None else dtype
-    shape = (self.num_layers, batch, max_len, self.num_kv_heads, self.head_dim)
+    shape = (self.num_layers, batch, self.num_kv_heads, max_len, self.head_dim)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                 valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
