@@ -180,6 +180,7 @@ def run(config: str, overrides, out: str | pathlib.Path) -> int:
   cfg_w = _stage_cfg("tiny_stage2", task, out, overrides, data_json=task.warmup_json,
                      steps=STEPS["warmup"], batch=WARMUP_BATCH,
                      **{"init.checkpoint": init, "train.optimizer.lr": WARMUP_LR})
+  cfg_w.name = "tiny_text_warmup"
   cfg_w.train.update(trainable=["llm/.*"], frozen=[])
   sw = loop.run_training(cfg_w, out / "warmup")
   timings["warmup"] = time.perf_counter() - t
