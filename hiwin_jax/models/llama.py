@@ -149,6 +149,8 @@ class LlamaAttention(nnx.Module):
     if self.attention == "xla":
       ctx = xla_attention(q, k, v, mask, self.precision)
     elif self.attention == "cudnn":
+      # jax.nn.dot_product_attention takes [B, T, KVH, D]: without a cache the two transposes
+      # cancel; with one, each decode step transposes the cache (as the xla path did before).
       ctx = cudnn_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                             None if causal_only else mask)
     else:
