@@ -201,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
       return _train(args, overrides)
     if args.command == "data":
-      from hiwin_jax.data import tfds_llava
-      out = tfds_llava.build(args.json, args.images, args.out)
+      from hiwin_jax.data import array_record
+      out = array_record.build(args.json, args.images, args.out)
       logging.getLogger("hiwin").info("wrote the ArrayRecord dataset %s", out)
       print(out)
       return 0
