@@ -19,7 +19,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -180,11 +180,15 @@ def answer_questions(model, tokenizer, cfg_model, questions_path, image_folder, 
   return counts
 
 
-def score(questions_path, answers_path, metric: str) -> dict[str, Any]:
+def score(questions_path, answers_path, metric: str, *,
+          chance: Mapping[str, float] | None = None) -> dict[str, Any]:
   """Scores the answers file against the references of the question file.
 
-  metric: vqa, anls, relaxed, exact, choice (mean over questions that have references; a
-  question answered with an error scores 0) or mme (per-category acc / acc+ / score).
+  metric: vqa, anls, relaxed, exact, normalized, choice (`scorers.METRICS`; the mean over the
+  questions that have references, a question answered with an error scoring 0; also per
+  `category` when the questions have one) or mme (per-category acc / acc+ / score).
+  chance: category -> the score of a guess (1 / the number of possible answers); the result then
+  also holds the chance level of the scored questions, overall and per category.
   """
   questions = {q["question_id"]: q for q in read_questions(questions_path)}
   answers = {a["question_id"]: a for a in read_jsonl(answers_path, strict=False)}
@@ -199,7 +203,7 @@ def score(questions_path, answers_path, metric: str) -> dict[str, Any]:
     raise ValueError(f"unknown metric {metric!r}; choose from "
                      f"{sorted(scorers.METRICS) + ['mme']}")
   fn = scorers.METRICS[metric]
-  values, errors, missing = [], 0, 0
+  values, categories, errors, missing = [], [], 0, 0
   for qid, q in questions.items():
     refs = references(q)
     if refs is None:
@@ -208,13 +212,29 @@ def score(questions_path, answers_path, metric: str) -> dict[str, Any]:
     if a is None:
       missing += 1
       continue
+    categories.append(q.get("category"))
     if a.get("error"):
       errors += 1
       values.append(0.0)
       continue
     values.append(fn(a.get("text", ""), refs[0] if metric == "choice" else refs))
-  return {"metric": metric, "score": float(np.mean(values)) if values else None,
-          "scored": len(values), "errors": errors, "unanswered": missing}
+  result = {"metric": metric, "score": float(np.mean(values)) if values else None,
+            "scored": len(values), "errors": errors, "unanswered": missing}
+  if chance is not None:
+    unknown = sorted({str(c) for c in categories if c not in chance})
+    if unknown:
+      raise ValueError(f"{questions_path}: no chance level for the categories {unknown} "
+                       f"(known: {sorted(chance)})")
+    result["chance"] = float(np.mean([chance[c] for c in categories])) if values else None
+  if any(c is not None for c in categories):
+    result["per_category"] = {}
+    for c in sorted({c for c in categories if c is not None}, key=str):
+      mine = [v for v, k in zip(values, categories) if k == c]
+      entry = {"score": float(np.mean(mine)), "scored": len(mine)}
+      if chance is not None:
+        entry["chance"] = float(chance[c])
+      result["per_category"][c] = entry
+  return result
 
 
 class ByteTokenizer:
