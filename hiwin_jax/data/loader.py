@@ -88,14 +88,14 @@ class StepLoader:
 
   def _load(self, pos: int, ep: EpochPlan) -> _Sample:
     s, a = self.plan.settings, self.plan.meta.arrays
-    record, source = self.source.fetch(int(a["index"][pos]))
+    record, image_file = self.source.fetch(int(a["index"][pos]))  # a path or encoded bytes
     has_image = record.image_path is not None
     ex = preprocess(record.conversations, self.tokenizer, s.template, has_image,
                     model_max_length=metadata.NO_TRUNCATION)
     items, layouts = (), []
     if has_image:
       try:
-        img = image.load_image(source, name=f"{record.id}: {record.image_path}")
+        img = image.load_image(image_file, name=f"{record.id}: {record.image_path}")
       except image.ImageError as e:
         raise _LoadError("unreadable_image", str(e)) from e
       base = (int(a["width"][pos]), int(a["height"][pos]))
@@ -233,6 +233,7 @@ class StepLoader:
       out["attention_mask"][i, :length] = True
     out["buckets"] = tuple({"pixels": pixels[j], "grid": grids[j]} for j in used)
     return out
+
 
 class TrainIterator:
   """Deterministic, checkpointable iterator over the steps of the plan (grain underneath).
