@@ -83,7 +83,7 @@ def build(config: str, batch: int, prompt_tokens: int):
   text = rng.integers(3, cfg.model.llm.vocab_size, prompt_tokens)
   ids = [1, *text[:prompt_tokens // 2], IMAGE_TOKEN_INDEX, *text[prompt_tokens // 2:]]
   prepared = R.prepare_ids(ids, img, cfg.model, pre_resize=False)
-  return cfg, model, R.collate([prepared] * batch)
+  return cfg, model, R.collate([prepared] * batch, cfg.model)
 
 
 def run_jax(args, batch: int) -> dict:

@@ -114,12 +114,12 @@ def make_samples(cfg):
   from hiwin_jax.data import slicing
   from hiwin_jax.data.image import clip_normalize
   rng = np.random.default_rng(0)
-  proj, vocab = cfg.model.projector, cfg.model.llm.vocab_size
+  tokens, vocab = LY.TokenLayout.from_config(cfg.model.projector), cfg.model.llm.vocab_size
   out = []
   for (w, h), length in zip(IMAGES_WH, ROW_LENGTHS):
     image = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
     res = slicing.slice_image(image, slicing.TRAIN_MAX_SLICE_NUMS)
-    span = LY.image_layout(res.grid, "r1", proj.newline_token, proj.comma_token)
+    span = LY.image_layout(res.grid, tokens)
     answer = length - len(span) - PROMPT_TOKENS
     ids = np.concatenate([[1], rng.integers(20, vocab, PROMPT_TOKENS - 1), [LY.IMAGE_TOKEN_INDEX],
                           rng.integers(20, vocab, answer - 1), [2]])
@@ -130,11 +130,13 @@ def make_samples(cfg):
   return out
 
 
-def host_batch(samples):
+def host_batch(cfg, samples):
   """The trainer's host batch (tests/test_trainer.py's `host_batch`): one micro-batch."""
   from hiwin_jax.data import buckets as B
+  from hiwin_jax.data import layout as LY
   from hiwin_jax.train import trainer as T
-  mb = B.make_batch(samples, B.default_buckets(), SEQ_LEN)
+  tokens = LY.TokenLayout.from_config(cfg.model.projector)
+  mb = B.make_batch(samples, B.default_buckets(), SEQ_LEN, tokens_per_item=tokens.tokens_per_item)
   out = {k: mb[k][None] for k in T.TEXT_KEYS}
   out["buckets"] = tuple({k: b[k][None] for k in ("pixels", "grid")} for b in mb["buckets"])
   return out
@@ -177,7 +179,7 @@ def run_jax(size, device, llm_layers, repeats, remat):
   import jax
   from hiwin_jax.train import trainer as T
   cfg = make_config(size, device, llm_layers, remat)
-  host = host_batch(make_samples(cfg))
+  host = host_batch(cfg, make_samples(cfg))
   tr = T.Trainer(cfg, total_steps=1000)
   state = tr.init_state()
   flops = tr.flops(host)
@@ -241,7 +243,7 @@ def run_torch(size, device, llm_layers, repeats, remat):
   dev = "cuda" if device == "gpu" else "cpu"
   cfg = make_config(size, device, llm_layers)
   samples = make_samples(cfg)
-  host = host_batch(samples)
+  host = host_batch(cfg, samples)
   clip, jbu, hiwin, llama = (m.to(dev) for m in torch_model(cfg))
   if remat != "none":  # per-layer activation checkpointing of both towers (HF's)
     clip.gradient_checkpointing_enable()

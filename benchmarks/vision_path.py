@@ -385,9 +385,10 @@ def main():
     return report_child(args.only, (run_jax if args.only == "jax" else run_torch)(dims,
                                                                                   args.repeats))
 
-  from hiwin_jax.data import slicing
+  from hiwin_jax.data import layout, slicing
   plan = slicing.plan_slices(*IMAGE_WH, MAX_SLICE_NUMS)
-  image_tokens = slicing.image_token_count(plan, "r1")
+  tokens = layout.TokenLayout.from_config(model_config(dims).model.projector)
+  image_tokens = layout.image_token_count(plan.grid, tokens)
   print(f"image {IMAGE_WH[0]}x{IMAGE_WH[1]}: {plan.num_slices} slices of "
         f"{plan.slice_size[0]}x{plan.slice_size[1]} (grid {plan.grid[0]}x{plan.grid[1]}, "
         f"{plan.slice_patches[0]}x{plan.slice_patches[1]} patches) + a "

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--image-folder", default="", help="folder the questions' image paths are in")
   ev.add_argument("--answers", required=True, help="answers file (jsonl; appended, resumed)")
   ev.add_argument("--metric", default="none",
-                  choices=["none", "vqa", "anls", "relaxed", "exact", "choice", "mme"],
+                  choices=["none", "vqa", "anls", "relaxed", "exact", "normalized", "choice",
+                           "mme"],
                   help="score the answers with this metric (default: none)")
   ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
   ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -201,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
       return _train(args, overrides)
     if args.command == "data":
-      from hiwin_jax.data import tfds_llava
-      out = tfds_llava.build(args.json, args.images, args.out)
+      from hiwin_jax.data import array_record
+      out = array_record.build(args.json, args.images, args.out)
       logging.getLogger("hiwin").info("wrote the ArrayRecord dataset %s", out)
       print(out)
       return 0

@@ -98,6 +98,33 @@ def mesh_config() -> ConfigDict:
   return ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=default_logical_rules()))
 
 
+def data_config() -> ConfigDict:
+  """Fields of `cfg.data` for the LLaVA training stages (stage 1: template plain, slicing False,
+  max_length 3072; stage 2: vicuna_v1, slicing True, 4096); read by
+  `hiwin_jax.data.loader.make_train_iterator`."""
+  return ConfigDict({
+      "format": "json",            # "json" (LLaVA json + image folder) | "array_record"
+      "json": "",                  # LLaVA-format json: [{id, image, conversations}]
+      "image_folder": "",          # the json's "image" paths are relative to this folder
+      "array_record_dir": "",      # written by `hiwin data build`
+      "tokenizer": "",             # folder with tokenizer.model (+ tokenizer_config.json)
+      "template": "vicuna_v1",     # plain | vicuna_v1 | qwen_1_5
+      "slicing": True,             # False: overview only (official stage 1 `--single True`)
+      "max_slice_nums": 7,         # the official training value (spec §1.1; evaluation uses 9)
+      "max_length": 4096,          # longer spliced samples are excluded (reason too_long)
+      "seq_multiple": 128,         # sequence length bucket granularity
+      "global_batch_size": 128,    # samples per optimizer step over all processes
+      "grad_accum": 1,             # micro-batches per step (leading axis of every array)
+      "seed": 0,
+      "shuffle": True,
+      "remainder": "pad",          # "pad" (filler samples, labels -100) | "drop"
+      "workers": 0,                # grain worker processes; 0 = in the training process
+      "prefetch": 2,               # steps prefetched (per worker)
+      "cache_dir": "",             # metadata cache; "" = no cache
+      "epochs": 1,
+  })
+
+
 def base_config() -> ConfigDict:
   cfg = ConfigDict()
   cfg.name = "base"

@@ -10,8 +10,8 @@ from PIL import Image
 from ckpt_convert import core
 from hiwin_jax import cli
 from hiwin_jax import config as C
-from hiwin_jax.infer import evaluate as E
-from hiwin_jax.infer import requests as R
+from hiwin_jax.data import image, slicing
+from hiwin_jax.infer import evaluate, requests
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llava_uhd import LlavaUHD
 from hiwin_jax.train import checkpoint
@@ -57,7 +57,7 @@ def test_eval_records_errors_and_resumes(setup, tmp_path, capsys):
   answers = tmp_path / "answers.jsonl"
   assert run_cli(root, qfile, images, answers) == 0
   first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  records = {r["question_id"]: r for r in E.read_jsonl(answers)}
+  records = {r["question_id"]: r for r in evaluate.read_jsonl(answers)}
   assert set(records) == {1, 2, "q3", 4, 5, 6}
   assert "missing.png" in records[2]["error"]
   assert "empty prompt" in records[4]["error"]
@@ -78,23 +78,23 @@ def test_eval_records_errors_and_resumes(setup, tmp_path, capsys):
   assert run_cli(root, qfile, images, answers) == 0
   third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert third["counts"] == {"asked": 1, "skipped": 5, "errors": 0}
-  again = [r for r in E.read_jsonl(answers, strict=False) if r["question_id"] == "q3"]
+  again = [r for r in evaluate.read_jsonl(answers, strict=False) if r["question_id"] == "q3"]
   assert len(again) == 1 and again[0]["text"] == records["q3"]["text"]  # deterministic greedy
 
 
 def test_prompt_longer_than_the_context_is_an_error():
   cfg = C.load_config("tiny")
   img = Image.new("RGB", (1000, 700))
-  with pytest.raises(R.RequestError, match="longer than the context"):
-    R.prepare("Describe.", img, E.ByteTokenizer(), cfg.model, max_context=512, reserve=8)
+  with pytest.raises(requests.RequestError, match="longer than the context"):
+    requests.prepare("Describe.", img, evaluate.ByteTokenizer(), cfg.model, max_context=512, reserve=8)
 
 
 def test_official_prompt_text():
-  prompt = R.official_prompt("What is shown?", has_image=True)
+  prompt = requests.official_prompt("What is shown?", has_image=True)
   assert prompt == ("A chat between a curious user and an artificial intelligence assistant. The "
                     "assistant gives helpful, detailed, and polite answers to the user's "
                     "questions. USER: <image>\nWhat is shown? ASSISTANT:")
-  assert R.official_prompt("Hi", has_image=False).endswith("USER: Hi ASSISTANT:")
+  assert requests.official_prompt("Hi", has_image=False).endswith("USER: Hi ASSISTANT:")
 
 
 def test_official_prompt_ids_with_the_vicuna_tokenizer():
@@ -105,8 +105,79 @@ def test_official_prompt_ids_with_the_vicuna_tokenizer():
     pytest.skip(f"no Vicuna tokenizer at {folder}")
   from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
   tok = LlamaSpmTokenizer(folder)
-  ids = tok.tokenizer_image_token(R.official_prompt("Hi", has_image=True))
+  ids = tok.tokenizer_image_token(requests.official_prompt("Hi", has_image=True))
   # text-side.md: "USER: <image>\n" -> 3148 1001 29901 29871 -200 29871 13; ends "ASSISTANT:".
   at = ids.index(-200)
   assert ids[at - 4:at + 3] == [3148, 1001, 29901, 29871, -200, 29871, 13]
   assert ids[-5:] == [319, 1799, 9047, 13566, 29901]
+
+
+# --- the evaluation pre-resize follows the model's code state (spec §0.1, §1.4) ---------------
+
+BIG = (1500, 1100)  # longer side over 1024: R1 keeps it, R2 shrinks it to 1024x750
+
+
+def _big_image():
+  rng = np.random.default_rng(7)
+  return Image.fromarray(rng.integers(0, 256, (BIG[1], BIG[0], 3), dtype=np.uint8))
+
+
+def _expected_items(img, size):
+  """The official evaluation items of `img` pre-resized to `size`: slices, then the overview."""
+  if img.size != size:
+    img = img.resize(size, Image.Resampling.BICUBIC)
+  res = slicing.slice_image(img, slicing.EVAL_MAX_SLICE_NUMS)
+  return [image.clip_normalize(x) for x in res.slices + [res.overview]]
+
+
+def _tiny_model_config(variant):
+  cfg = C.load_config("tiny", [f"--config.model.projector.layout={variant}"])
+  return cfg.model
+
+
+@pytest.mark.parametrize("variant,size", [("r1", BIG), ("r2", (1024, 750))])
+def test_request_pre_resize_follows_the_projector_layout(variant, size):
+  img = _big_image()
+  p = requests.prepare("What is it?", img, evaluate.ByteTokenizer(), _tiny_model_config(variant),
+                       image_folder="playground/data/eval/gqa")
+  want = _expected_items(img, size)
+  assert len(p.items) == len(want)
+  for got, ref in zip(p.items, want):
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("variant,size", [("r1", BIG), ("r2", (1024, 750))])
+def test_hiwin_eval_pre_resize_follows_the_projector_layout(variant, size, tmp_path,
+                                                            monkeypatch):
+  """`answer_questions` (what `hiwin eval` runs) hands the generator the items of the model's
+  pre-resize rule."""
+  from types import SimpleNamespace
+
+  from hiwin_jax.infer import generate
+  batches = []
+
+  class Recorder:
+    def __init__(self, model):
+      del model
+
+    def __call__(self, batch, gen):
+      batches.append(batch)
+      rows = len(batch["input_ids"])
+      return SimpleNamespace(tokens=np.zeros((rows, 1), np.int32), lengths=np.zeros(rows, int))
+
+  monkeypatch.setattr(generate, "Generator", Recorder)
+  folder = tmp_path / "gqa"
+  folder.mkdir()
+  _big_image().save(folder / "big.png")
+  questions = tmp_path / "q.jsonl"
+  questions.write_text(json.dumps({"question_id": 1, "image": "big.png", "text": "What?"}) + "\n")
+  counts = evaluate.answer_questions(None, evaluate.ByteTokenizer(), _tiny_model_config(variant),
+                                     questions, folder, tmp_path / "a.jsonl",
+                                     gen=generate.GenerationConfig(max_new_tokens=1),
+                                     progress=False)
+  assert counts["errors"] == 0 and len(batches) == 1
+  got = [(tuple(g), px[:14 * g[0], :14 * g[1]].tobytes()) for b in batches[0]["buckets"]
+         for px, g in zip(b["pixels"], b["grid"]) if g[0]]
+  want = [((x.shape[0] // 14, x.shape[1] // 14), x.tobytes())
+          for x in _expected_items(image.load_image(folder / "big.png"), size)]
+  assert sorted(got) == sorted(want)

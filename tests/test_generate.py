@@ -13,7 +13,7 @@ from PIL import Image
 from hiwin_jax import config as C
 from hiwin_jax.data.tokenizer import IMAGE_TOKEN_INDEX
 from hiwin_jax.infer import generate as G
-from hiwin_jax.infer import requests as R
+from hiwin_jax.infer import requests
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llama import LlamaModel
 
@@ -239,12 +239,12 @@ def test_batched_requests_with_different_images_equal_each_alone(tiny_model):
     img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     text = rng.integers(3, cfg.model.llm.vocab_size, 4 + 3 * i)
     ids = [1, *text[:2], IMAGE_TOKEN_INDEX, *text[2:]]
-    prepared.append(R.prepare_ids(ids, img, cfg.model, pre_resize=False))
+    prepared.append(requests.prepare_ids(ids, img, cfg.model, pre_resize=False))
   assert prepared[0].length != prepared[1].length
   gen = G.GenerationConfig(max_new_tokens=4, eos_token_id=None)
   generator = G.Generator(model, seq_multiple=32)
-  together = generator(R.collate(prepared), gen)
+  together = generator(requests.collate(prepared, cfg.model), gen)
   for i, p in enumerate(prepared):
-    alone = generator(R.collate([p]), gen)
+    alone = generator(requests.collate([p], cfg.model), gen)
     assert together.tokens[i].tolist() == alone.tokens[0].tolist(), f"request {i}"
     assert abs(together.scores[i] - alone.scores[0]) < 1e-4

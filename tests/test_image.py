@@ -140,14 +140,24 @@ def test_resize_keep_ratio_r1_only_upscales_r2_always_rescales():
   tall = Image.new("RGB", (300, 2000))
   assert im.resize_keep_ratio(tall, 1536, "r2").size == (int(1536 / 2000 * 300), 1536)
   # squares take the "height is the long side" branch; (1024/49)*49 truncates to 1023
-  assert im.resize_keep_ratio(Image.new("RGB", (49, 49)), 1024).size == (1023, 1024)
+  assert im.resize_keep_ratio(Image.new("RGB", (49, 49)), 1024, "r1").size == (1023, 1024)
   with pytest.raises(ValueError, match="variant"):
     im.resize_keep_ratio(small, 1024, "r3")
 
 
+def test_resize_keep_ratio_r1_resizes_only_when_the_width_grows():
+  # Official R1 `resize_image_keep_ratio` resizes iff new_width > width: a tall image whose width
+  # truncates back to its own keeps its size although its height is under max_size.
+  for size in [(200, 1020), (10, 1000), (1, 2000)]:
+    img = Image.new("RGB", size)
+    assert im.resize_keep_ratio(img, 1024, "r1") is img, size
+  assert im.resize_keep_ratio(Image.new("RGB", (200, 1020)), 1024, "r2").size == (200, 1024)
+  assert im.resize_keep_ratio(Image.new("RGB", (300, 1000)), 1024, "r1").size == (307, 1024)
+
+
 def test_resize_keep_ratio_resamples_bicubic():
   img = Image.fromarray(_rgb(50, 30))
-  np.testing.assert_array_equal(np.asarray(im.resize_keep_ratio(img, 100)),
+  np.testing.assert_array_equal(np.asarray(im.resize_keep_ratio(img, 100, "r1")),
                                 np.asarray(img.resize((100, 60), Image.Resampling.BICUBIC)))
 
 
@@ -160,23 +170,15 @@ def test_resize_keep_ratio_resamples_bicubic():
     ("playground/data/eval/gqa/images", (1024, 614)),
 ])
 def test_eval_folder_rules(folder, size):
-  assert im.eval_pre_resize(Image.new("RGB", (500, 300)), folder).size == size
+  for variant in ("r1", "r2"):  # both upscale a small image
+    assert im.eval_pre_resize(Image.new("RGB", (500, 300)), folder, variant).size == size
 
 
 def test_eval_r1_keeps_large_images_r2_shrinks_them():
   big = Image.new("RGB", (3000, 2000))
-  assert im.eval_pre_resize(big, "eval/gqa") is big
+  assert im.eval_pre_resize(big, "eval/gqa", variant="r1") is big
   assert im.eval_pre_resize(big, "eval/gqa", variant="r2").size == (1024, 682)
   assert im.eval_pre_resize(big, "eval/textvqa", variant="r2").size == (1536, 1024)
-
-
-class _FixedDraw:
-  def __init__(self, u):
-    self.u, self.calls = u, 0
-
-  def random(self):
-    self.calls += 1
-    return self.u
 
 
 def _six_slice_area_ok(size):
@@ -187,24 +189,29 @@ def _six_slice_area_ok(size):
 @pytest.mark.parametrize("size", [(1, 1), (100, 100), (640, 480), (3000, 450), (30, 900)])
 def test_train_pre_resize_pushes_towards_six_slices(size):
   img = Image.new("RGB", size)
-  out = im.train_pre_resize(img, "coco/train2017/x.jpg", _FixedDraw(0.05))
+  out = im.train_pre_resize(img, "coco/train2017/x.jpg", 0.05, variant="r1")
   assert _six_slice_area_ok(out.size), f"{size} -> {out.size}"
   n = slicing.plan_slices(*out.size, 7).num_slices
   assert n in (5, 6, 7)
   if size[0] == size[1]:
     assert n == 6  # [3,2]
-  assert im.train_pre_resize(img, "coco/train2017/x.jpg", _FixedDraw(0.1)) is img
+  assert im.train_pre_resize(img, "coco/train2017/x.jpg", 0.1, variant="r1") is img
 
 
 def test_train_pre_resize_leaves_six_slice_images_and_resizes_textvqa():
   six = Image.new("RGB", (1008, 672))
   assert slicing.plan_slices(1008, 672, 7).num_slices == 6
-  assert im.train_pre_resize(six, "coco/x.jpg", _FixedDraw(0.0)) is six
-  draw = _FixedDraw(0.0)
-  out = im.train_pre_resize(Image.new("RGB", (500, 300)), "data/TextVQA/train_images/x.jpg", draw)
-  assert out.size == (1024, 614) and draw.calls == 0
+  assert im.train_pre_resize(six, "coco/x.jpg", 0.0, variant="r1") is six
+  for variant in ("r1", "r2"):  # the draw plays no part in the TextVQA rule
+    out = im.train_pre_resize(Image.new("RGB", (500, 300)), "data/TextVQA/train_images/x.jpg",
+                              0.0, variant=variant)
+    assert out.size == (1024, 614)
   big = Image.new("RGB", (2000, 1000))
-  assert im.train_pre_resize(big, "data/textvqa/x.jpg", _FixedDraw(0.0)) is big  # R1: no downscale
+  assert im.train_pre_resize(big, "data/textvqa/x.jpg", 0.0, variant="r1") is big  # R1: up only
+  assert im.train_pre_resize(big, "data/textvqa/x.jpg", 0.0, variant="r2").size == (1024, 512)
+  # the augmentation is the same in both code states
+  assert (im.train_pre_resize(Image.new("RGB", (640, 480)), "x.jpg", 0.0, variant="r2").size
+          == im.train_pre_resize(Image.new("RGB", (640, 480)), "x.jpg", 0.0, variant="r1").size)
 
 
 def test_train_pre_resize_is_reproducible_and_fires_about_ten_percent():
@@ -212,7 +219,8 @@ def test_train_pre_resize_is_reproducible_and_fires_about_ten_percent():
 
   def run(seed):
     rng = np.random.default_rng(seed)
-    return [im.train_pre_resize(Image.new("L", s), "vg/x.jpg", rng).size for s in sizes]
+    return [im.train_pre_resize(Image.new("L", s), "vg/x.jpg", rng.random(), variant="r1").size
+            for s in sizes]
 
   a, b, c = run(1), run(1), run(2)
   assert a == b and a != c

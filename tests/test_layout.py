@@ -3,25 +3,32 @@
 import numpy as np
 import pytest
 
-from hiwin_jax.data import layout as Lay
+from hiwin_jax.data import layout, slicing
 
 GRIDS = [None, (1, 2), (2, 1), (2, 2), (3, 2), (1, 8), (9, 1), (4, 2)]
 
 
+def official(name, grid_size=12):
+  """The token layout of the official checkpoints: LLaMA's "\n" = 13 and "," = 29892."""
+  return layout.TokenLayout(name, grid_size, newline_token=13, comma_token=29892)
+
+
 def ind_tokens(grid):
+  """The official slicer's `ind_tokens` (spec §1.3): 13 ends a row of slices, else 29892."""
   cols, rows = grid
-  return [Lay.NEWLINE_TOKEN if x == cols - 1 else 29892 for _ in range(rows) for x in range(cols)]
+  return [13 if x == cols - 1 else 29892 for _ in range(rows) for x in range(cols)]
 
 
-def official_sequence(grid, ind, layout):
-  """The image span as a list of ('img', item, t) / ('tok', id), written from spec §5."""
-  q, n = 12, 144
+def official_sequence(grid, ind, order, q=12):
+  """The image span as a list of ('img', item, t) / ('tok', id), written from spec §5 (q x q
+  queries per item; the official q is 12)."""
+  n = q * q
   if grid is None:
     return [("img", 0, t) for t in range(n)]
   cols, rows = grid
   slices = cols * rows
   out = []
-  if layout == "r1":
+  if order == "r1":
     for gy in range(q * rows):
       for gx in range(q * cols):
         r, i, c, j = gy // q, gy % q, gx // q, gx % q
@@ -34,34 +41,37 @@ def official_sequence(grid, ind, layout):
   return out + [("img", slices, t) for t in range(n)]
 
 
-@pytest.mark.parametrize("layout", Lay.LAYOUTS)
+@pytest.mark.parametrize("order", layout.LAYOUTS)
 @pytest.mark.parametrize("grid", GRIDS)
-def test_layout_matches_the_official_order_and_counts(grid, layout):
+@pytest.mark.parametrize("q", [12, 8])
+def test_layout_matches_the_official_order_and_counts(grid, order, q):
   ind = [] if grid is None else ind_tokens(grid)
-  got = Lay.image_layout(grid, layout)
-  want = official_sequence(grid, ind, layout)
-  assert len(got) == len(want)
+  tokens = official(order, grid_size=q)
+  got = layout.image_layout(grid, tokens)
+  want = official_sequence(grid, ind, order, q)
+  n = q * q
+  assert len(got) == len(want) == layout.image_token_count(grid, tokens)
   for k, item in enumerate(want):
     if item[0] == "img":
-      assert got.item_token[k] == item[1] * 144 + item[2] and got.token_ids[k] == -1, k
+      assert got.item_token[k] == item[1] * n + item[2] and got.token_ids[k] == -1, k
     else:
       assert got.token_ids[k] == item[1] and got.item_token[k] == -1, k
   if grid is None:
-    assert len(got) == 144
+    assert len(got) == n
   else:
     cols, rows = grid
-    expected = 12 * rows * (12 * cols + 1) + 1 + 144 if layout == "r1" else 145 * cols * rows + 144
+    expected = q * rows * (q * cols + 1) + 1 + n if order == "r1" else (n + 1) * cols * rows + n
     assert len(got) == expected
-    if layout == "r1":  # "," after the grid, but "\n" when there is a single slice column
-      assert got.token_ids[-145] == (29892 if cols > 1 else 13)
+    if order == "r1":  # "," after the grid, but "\n" when there is a single slice column
+      assert got.token_ids[-n - 1] == (29892 if cols > 1 else 13)
 
 
 def test_splice_places_images_masks_labels_and_offsets_items():
-  a = Lay.image_layout((2, 1), "r2")
-  b = Lay.image_layout(None, "r2")
-  ids = np.array([1, 5, Lay.IMAGE_TOKEN_INDEX, 7, Lay.IMAGE_TOKEN_INDEX, 8, 9])
+  a = layout.image_layout((2, 1), official("r2"))
+  b = layout.image_layout(None, official("r2"))
+  ids = np.array([1, 5, layout.IMAGE_TOKEN_INDEX, 7, layout.IMAGE_TOKEN_INDEX, 8, 9])
   labels = np.array([-100, -100, -100, 7, -100, 8, 9])
-  seq = Lay.splice(ids, labels, [a, b])
+  seq = layout.splice(ids, labels, [a, b])
   n_a = len(a)
   assert len(seq.input_ids) == 6 + n_a + 144 - 1 - 1 + 1
   assert list(seq.input_ids[:2]) == [1, 5] and seq.input_ids[2 + n_a] == 7
@@ -73,21 +83,50 @@ def test_splice_places_images_masks_labels_and_offsets_items():
   second = seq.image_token[3 + n_a:3 + n_a + 144]
   assert list(second) == list(range(3 * 144, 4 * 144))
   assert list(seq.input_ids[2 + 144:2 + 145]) == [29892]
-  trunc = Lay.splice(ids, labels, [a, b], max_length=10)
+  trunc = layout.splice(ids, labels, [a, b], max_length=10)
   assert len(trunc.input_ids) == 10
 
 
 def test_splice_rejects_placeholder_count_mismatch():
   with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
-    Lay.splice(np.array([Lay.IMAGE_TOKEN_INDEX] * 2), None, [Lay.image_layout(None, "r1")])
+    layout.splice(np.array([layout.IMAGE_TOKEN_INDEX] * 2), None,
+                  [layout.image_layout(None, official("r1"))])
   with pytest.raises(ValueError, match="unknown token layout"):
-    Lay.image_layout((2, 2), "r3")
+    official("r3")
 
 
 def test_separator_ids_follow_the_vocabulary_and_the_official_slicer():
-  from hiwin_jax.data import slicing
   plan = slicing.plan_slices(1024, 768, 9)
-  official = Lay.image_layout(plan.grid, "r2")
-  assert [t for t in official.token_ids if t >= 0] == list(plan.ind_tokens)
-  custom = Lay.image_layout(plan.grid, "r2", newline_token=7, comma_token=9)
+  span = layout.image_layout(plan.grid, official("r2"))
+  assert [t for t in span.token_ids if t >= 0] == ind_tokens(plan.grid)
+  custom = layout.image_layout(plan.grid, layout.TokenLayout("r2", 12, 7, 9))
   assert sorted(set(custom.token_ids) - {-1}) == [7, 9]
+
+
+def test_ind_tokens_of_a_single_column_end_every_row_with_newline():
+  assert layout.ind_tokens(slicing.plan_slices(500, 2000, 9).grid, official("r1")) == [13] * 8
+  assert layout.ind_tokens(slicing.plan_slices(4000, 300, 9).grid,
+                           official("r1")) == [29892] * 8 + [13]
+  assert layout.ind_tokens(None, official("r1")) == []
+
+
+def test_token_counts():
+  grid = slicing.plan_slices(1024, 768, 9).grid
+  assert layout.image_token_count(grid, official("r1")) == 12 * 2 * 37 + 145
+  assert layout.image_token_count(grid, official("r2")) == 145 * 6 + 144
+  assert layout.image_token_count(grid, official("r2", grid_size=8)) == 65 * 6 + 64
+
+
+def test_token_layout_reads_the_projector_config():
+  from hiwin_jax import config
+  projector = config.projector_config()
+  projector.update(grid_size=8, layout="r2", comma_token=11)
+  tokens = layout.TokenLayout.from_config(projector)
+  assert tokens == layout.TokenLayout("r2", 8, 13, 11) and tokens.tokens_per_item == 64
+
+
+def test_renumbering_maps_each_item_to_its_flat_index():
+  tok = np.array([-1, 0, 1, 3, -1, 4, 7, 8, 11])  # items of 4 tokens: 0, 0, 0, 1, 1, 1, 2, 2
+  flat = np.array([5, 2, 9])
+  got = layout.renumber_image_tokens(tok, flat, tokens_per_item=4)
+  np.testing.assert_array_equal(got, [-1, 20, 21, 23, -1, 8, 11, 36, 39])

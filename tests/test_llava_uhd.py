@@ -200,14 +200,15 @@ def host_batch(cfg, sliced, layout, groups=LOGIT_SAMPLES, seq_len=SEQ_LEN):
   """Our host pipeline: layout spans, splice, per-sample items (slices, then the overview),
   make_batch over the default buckets."""
   proj = cfg.projector
+  tokens = LY.TokenLayout(layout, proj.grid_size, proj.newline_token, proj.comma_token)
   samples = []
   for ids, labels, names in raw_samples(groups):
-    spans = [LY.image_layout(sliced[n].grid, layout, proj.newline_token, proj.comma_token)
-             for n in names]
+    spans = [LY.image_layout(sliced[n].grid, tokens) for n in names]
     seq = LY.splice(ids, labels, spans, max_length=cfg.max_length)
     items = [clip_normalize(p) for n in names for p in sliced[n].slices + [sliced[n].overview]]
     samples.append((seq, items))
-  return BK.make_batch(samples, BK.default_buckets(), seq_len)
+  return BK.make_batch(samples, BK.default_buckets(), seq_len,
+                       tokens_per_item=tokens.tokens_per_item)
 
 
 # --- the PyTorch composition (official flow, item by item) -------------------------------------
@@ -233,8 +234,9 @@ def organise(tokens, result, layout, emb, newline, comma):
   """Spec §5: the embeddings that replace `<image>`. `tokens` (n + 1, 144, E)."""
   if result.grid is None:
     return tokens[-1]
-  # The slicer's separators use the LLaMA ids (13 "\n", 29892 ","); the tiny vocab has its own.
-  ind = [newline if t == slicing.NEWLINE_TOKEN else comma for t in result.ind_tokens]
+  # The slicer's `ind_tokens` (spec §1.3), with the tiny vocab's ids for "\n" and ",".
+  cols, rows = result.grid
+  ind = [newline if x == cols - 1 else comma for _ in range(rows) for x in range(cols)]
   n, e = len(ind), tokens.shape[-1]
   if layout == "r1":
     cols = ind.index(newline) + 1  # ind tokens up to and including the first "\n"
@@ -339,9 +341,10 @@ def test_logits_match_torch_composition(setup, sliced, image_tokens, layout):
         cols, rows = plan.grid
         want_n = (12 * rows * (12 * cols + 1) + 1 + 144 if layout == "r1"
                   else 145 * cols * rows + 144)
-      ours = len(LY.image_layout(plan.grid, layout, cfg.projector.newline_token,
-                                 cfg.projector.comma_token))
-      assert n == want_n == ours == slicing.image_token_count(plan, layout), (name, layout)
+      tokens = LY.TokenLayout(layout, cfg.projector.grid_size, cfg.projector.newline_token,
+                              cfg.projector.comma_token)
+      ours = len(LY.image_layout(plan.grid, tokens))
+      assert n == want_n == ours == LY.image_token_count(plan.grid, tokens), (name, layout)
   for i, lab in enumerate(want_labels):
     np.testing.assert_array_equal(batch["labels"][i, :lengths[i]], lab, err_msg=f"sample {i}")
     assert (batch["labels"][i, lengths[i]:] == LY.IGNORE_INDEX).all()

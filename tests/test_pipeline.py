@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from hiwin_jax import config as C
-from hiwin_jax.data import pipeline, slicing
+from hiwin_jax.data import loader, metadata
 from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def _write_dataset(root: pathlib.Path, n_good: int = 21, bad: bool = True, text_
 
 
 def _cfgs(json_path, images, template, **overrides):
-  d = pipeline.data_config()
+  d = C.data_config()
   d.update(json=str(json_path), image_folder=str(images), template=template, max_length=2048,
            seq_multiple=256, global_batch_size=4, grad_accum=2, seed=3, prefetch=2)
   d.update(overrides)
@@ -123,7 +123,7 @@ def dataset(tmp_path_factory, tok_and_template):
 def test_bad_samples_are_counted_by_reason_and_the_run_goes_on(dataset, tmp_path, monkeypatch):
   json_path, images, expected, tok, template = dataset
   d, model = _cfgs(json_path, images, template, epochs=2, cache_dir=str(tmp_path / "cache"))
-  it = pipeline.make_train_iterator(d, model, tok)
+  it = loader.make_train_iterator(d, model, tok)
   for reason, count in expected.items():
     assert it.skipped[reason] == count, (reason, it.skipped)
   batches = list(it)
@@ -147,15 +147,15 @@ def test_bad_samples_are_counted_by_reason_and_the_run_goes_on(dataset, tmp_path
   # a restart reads the metadata cache instead of rescanning
   cached = list((tmp_path / "cache").glob("*.npz"))
   assert len(cached) == 1
-  monkeypatch.setattr(pipeline, "_scan", lambda *a: pytest.fail("metadata rescanned"))
-  it2 = pipeline.make_train_iterator(d, model, tok)
+  monkeypatch.setattr(metadata, "_scan", lambda *a: pytest.fail("metadata rescanned"))
+  it2 = loader.make_train_iterator(d, model, tok)
   assert it2.keys == it.keys and it2.skipped == it.plan.meta.counts
 
 
 def test_batches_have_static_shapes_matching_their_key(dataset):
   json_path, images, _, tok, template = dataset
   d, model = _cfgs(json_path, images, template)
-  it = pipeline.make_train_iterator(d, model, tok)
+  it = loader.make_train_iterator(d, model, tok)
   bk = it.plan.settings.buckets
   for batch in it:
     ov, sl, n, s = batch["meta"]["key"]
@@ -171,7 +171,7 @@ def test_batches_have_static_shapes_matching_their_key(dataset):
     # every image token addresses a real item of the micro-batch
     total = sum(b["grid"].shape[1] for b in batch["buckets"])
     tok_ids = batch["image_token"]
-    assert tok_ids.max() < total * slicing.TOKENS_PER_ITEM
+    assert tok_ids.max() < total * it.plan.settings.tokens.tokens_per_item
     assert ((tok_ids >= 0) <= batch["attention_mask"]).all()
 
 
@@ -180,7 +180,7 @@ def test_distinct_batch_shapes_over_200_steps_at_most_the_keys(dataset):
   json_path, images, _, tok, template = dataset
   d, model = _cfgs(json_path, images, template, epochs=40, global_batch_size=2, grad_accum=1,
                    seq_multiple=128)
-  it = pipeline.make_train_iterator(d, model, tok)
+  it = loader.make_train_iterator(d, model, tok)
   assert it.num_steps >= 200
   shapes = {_signature(b) for b in _take(it, 200)}
   assert 3 <= len(shapes) <= len(it.keys), (len(shapes), it.keys)
@@ -196,8 +196,8 @@ def test_array_record_source_gives_the_json_samples(dataset, tmp_path, capsys):
   assert pathlib.Path(out, "dataset_info.json").is_file()
   d, model = _cfgs(json_path, images, template)
   d_ar, _ = _cfgs(json_path, images, template, format="array_record", array_record_dir=out)
-  it_json = pipeline.make_train_iterator(d, model, tok)
-  it_ar = pipeline.make_train_iterator(d_ar, model, tok)
+  it_json = loader.make_train_iterator(d, model, tok)
+  it_ar = loader.make_train_iterator(d_ar, model, tok)
   assert it_ar.skipped == it_json.skipped and it_ar.keys == it_json.keys
   for a, b in zip(it_json, it_ar, strict=True):
     _assert_same(a, b)
@@ -207,26 +207,26 @@ def test_array_record_source_gives_the_json_samples(dataset, tmp_path, capsys):
 def test_resume_from_saved_state_and_from_a_start_step(dataset, tmp_path):
   json_path, images, _, tok, template = dataset
   d, model = _cfgs(json_path, images, template, epochs=2)
-  it = pipeline.make_train_iterator(d, model, tok)
+  it = loader.make_train_iterator(d, model, tok)
   _take(it, 5)
   state = it.get_state()
   rest = list(it)
   assert rest
-  restored = pipeline.make_train_iterator(d, model, tok)
+  restored = loader.make_train_iterator(d, model, tok)
   restored.set_state(state)
-  started = pipeline.make_train_iterator(d, model, tok, start_step=5)
+  started = loader.make_train_iterator(d, model, tok, start_step=5)
   for a, b, c in zip(rest, restored, started, strict=True):
     _assert_same(a, b)
     _assert_same(a, c)
   # through grain's orbax checkpoint handler
   import grain
   import orbax.checkpoint as ocp
-  it = pipeline.make_train_iterator(d, model, tok)
+  it = loader.make_train_iterator(d, model, tok)
   _take(it, 3)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     mngr.save(3, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
-    fresh = pipeline.make_train_iterator(d, model, tok)
+    fresh = loader.make_train_iterator(d, model, tok)
     mngr.restore(3, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(fresh)))
   assert fresh.step == 3
   _assert_same(next(fresh), next(it))
@@ -235,9 +235,10 @@ def test_resume_from_saved_state_and_from_a_start_step(dataset, tmp_path):
 def test_two_processes_make_the_single_process_global_batch(dataset):
   json_path, images, _, tok, template = dataset
   d, model = _cfgs(json_path, images, template)
-  one = pipeline.make_train_iterator(d, model, tok)
-  p0 = pipeline.make_train_iterator(d, model, tok, process_index=0, process_count=2)
-  p1 = pipeline.make_train_iterator(d, model, tok, process_index=1, process_count=2)
+  one = loader.make_train_iterator(d, model, tok)
+  p0 = loader.make_train_iterator(d, model, tok, process_index=0, process_count=2)
+  p1 = loader.make_train_iterator(d, model, tok, process_index=1, process_count=2)
+  per_item = one.plan.settings.tokens.tokens_per_item
   for g, a, b in zip(one, p0, p1, strict=True):
     assert a["meta"]["ids"] + b["meta"]["ids"] != [] and g["meta"]["key"] == a["meta"]["key"]
     for k in ("input_ids", "image_token", "labels", "attention_mask"):
@@ -256,23 +257,22 @@ def test_two_processes_make_the_single_process_global_batch(dataset):
         for r in range(per):
           mine, ref = proc["image_token"][m, r], g["image_token"][m, p * per + r]
           np.testing.assert_array_equal(mine >= 0, ref >= 0)
-          for item in np.unique(mine[mine >= 0] // slicing.TOKENS_PER_ITEM):
-            ref_items = np.unique(ref[mine // slicing.TOKENS_PER_ITEM == item]
-                                  // slicing.TOKENS_PER_ITEM)
+          for item in np.unique(mine[mine >= 0] // per_item):
+            ref_items = np.unique(ref[mine // per_item == item] // per_item)
             assert len(ref_items) == 1
             np.testing.assert_array_equal(gathered[item], glob[ref_items[0]])
     # the local numbering of process 1 starts after process 0's slots of each bucket
     if (b["image_token"] >= 0).any():
       n0 = b["buckets"][0]["grid"].shape[1]
-      assert (b["image_token"][b["image_token"] >= 0] // slicing.TOKENS_PER_ITEM).min() >= n0
+      assert (b["image_token"][b["image_token"] >= 0] // per_item).min() >= n0
 
 
 def test_worker_processes_give_the_in_process_batches(dataset):
   json_path, images, _, tok, template = dataset
   d0, model = _cfgs(json_path, images, template)
   d2, _ = _cfgs(json_path, images, template, workers=2)
-  it0 = pipeline.make_train_iterator(d0, model, tok)
-  it2 = pipeline.make_train_iterator(d2, model, tok)
+  it0 = loader.make_train_iterator(d0, model, tok)
+  it2 = loader.make_train_iterator(d2, model, tok)
   for a, b in zip(it0, it2, strict=True):
     _assert_same(a, b)
 
@@ -280,9 +280,9 @@ def test_worker_processes_give_the_in_process_batches(dataset):
 def test_plan_is_a_pure_function_of_seed_and_step(dataset):
   json_path, images, _, tok, template = dataset
   d, model = _cfgs(json_path, images, template, epochs=3)
-  plan, _ = pipeline.make_plan(d, model, tok)
-  again, _ = pipeline.make_plan(d, model, tok)
-  other, _ = pipeline.make_plan(_cfgs(json_path, images, template, epochs=3, seed=4)[0], model,
+  plan, _ = loader.make_plan(d, model, tok)
+  again, _ = loader.make_plan(d, model, tok)
+  other, _ = loader.make_plan(_cfgs(json_path, images, template, epochs=3, seed=4)[0], model,
                                 tok)
   for e in range(3):
     np.testing.assert_array_equal(plan.epoch(e).members, again.epoch(e).members)
@@ -301,7 +301,7 @@ def test_plan_is_a_pure_function_of_seed_and_step(dataset):
 def test_overview_only_when_slicing_is_off(dataset):
   json_path, images, _, tok, template = dataset
   d, model = _cfgs(json_path, images, template, slicing=False)
-  it = pipeline.make_train_iterator(d, model, tok)
+  it = loader.make_train_iterator(d, model, tok)
   assert all(k.slices is None and k.num_slices == 0 for k in it.keys)
   for batch in _take(it, 3):
     ov = batch["meta"]["key"][0]
@@ -312,3 +312,51 @@ def test_overview_only_when_slicing_is_off(dataset):
     assert bucket["pixels"].shape[:2] == (2, 2)
     h, w = bucket["grid"][0, 0]
     assert h * w <= 576 and (h, w) != (0, 0)
+
+
+def _items_of(batch):
+  """The micro-batches' items as sorted (grid, pixel bytes) pairs, empty slots left out."""
+  out = []
+  for b in batch["buckets"]:
+    for px, (h, w) in zip(b["pixels"].reshape(-1, *b["pixels"].shape[2:]),
+                          b["grid"].reshape(-1, 2)):
+      out.append(((int(h), int(w)), px[:14 * h, :14 * w].tobytes()))
+  return sorted(out)
+
+
+@pytest.mark.parametrize("variant", ["r1", "r2"])
+def test_textvqa_training_pre_resize_follows_the_projector_layout(tok_and_template, tmp_path,
+                                                                    variant):
+  """Spec §0.1 and §1.4: a TextVQA image is resized to a longer side of 1024 with the model's
+  code state's `resize_image_keep_ratio`: R1 (7B) only upscales, R2 (13B, Qwen2) also shrinks."""
+  from hiwin_jax.data import image, layout, slicing
+  tok, template = tok_and_template
+  folder = tmp_path / "images" / "TextVQA"
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  records = []
+  for i, (w, h) in enumerate([(1500, 1100), (600, 400)]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    records.append({"id": f"t{i}", "image": f"TextVQA/{i}.png", "conversations": _conv("a sign")})
+  (tmp_path / "data.json").write_text(json.dumps(records))
+  d, model = _cfgs(tmp_path / "data.json", tmp_path / "images", template, global_batch_size=1,
+                   grad_accum=1, shuffle=False)
+  model.projector.layout = variant
+  it = loader.make_train_iterator(d, model, tok)
+  tokens = layout.TokenLayout.from_config(model.projector)
+  want_sizes = {"t0": (1500, 1100) if variant == "r1" else (1024, 750), "t1": (1024, 682)}
+  batches = list(it)
+  assert sorted(i for b in batches for i in b["meta"]["ids"]) == ["t0", "t1"]
+  for batch in batches:
+    (rid,) = batch["meta"]["ids"]
+    assert not batch["meta"]["filler"][0] and not batch["meta"]["skipped"]["size_mismatch"]
+    img = image.load_image(folder / f"{rid[1:]}.png")
+    resized = img.resize(want_sizes[rid], Image.Resampling.BICUBIC)
+    if resized.size == img.size:
+      resized = img
+    res = slicing.slice_image(resized, 7)
+    items = res.slices + [res.overview]
+    want = sorted(((x.size[1] // 14, x.size[0] // 14), image.clip_normalize(x).tobytes())
+                  for x in items)
+    assert _items_of(batch) == want, rid
+    assert (batch["image_token"] >= 0).sum() == tokens.tokens_per_item * len(items)

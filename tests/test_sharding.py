@@ -113,22 +113,22 @@ def test_rules_skip_axes_that_do_not_divide(cfg):
 @pytest.mark.slow
 def test_whole_model_on_a_mesh_equals_single_device(cfg):
   """LlavaUHD (ViT -> JBU -> Hiwin -> LLaMA) sharded over (data=2, fsdp=2, tensor=2)."""
-  from hiwin_jax.data import buckets as B
-  from hiwin_jax.data import layout as Lay
+  from hiwin_jax.data import buckets, layout
   from hiwin_jax.models.llava_uhd import LlavaUHD
 
   mesh = _mesh((2, 2, 2))
   model = LlavaUHD(cfg.model, Precision.parity(), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
+  tokens = layout.TokenLayout.from_config(cfg.model.projector)
   samples = []
   for grid, (h, w) in [(None, (6, 5)), ((2, 1), (5, 4))]:
     n_items = 1 if grid is None else 3
     items = [rng.standard_normal((14 * h, 14 * w, 3)).astype(np.float32) for _ in range(n_items)]
-    span = Lay.image_layout(grid, "r1", comma_token=11)
-    seq = Lay.splice(np.array([1, 7, Lay.IMAGE_TOKEN_INDEX, 9]), None, [span])
+    span = layout.image_layout(grid, tokens)
+    seq = layout.splice(np.array([1, 7, layout.IMAGE_TOKEN_INDEX, 9]), None, [span])
     samples.append((seq, items))
   seq_len = max(len(s.input_ids) for s, _ in samples)
-  batch = B.make_batch(samples, [(6, 6)], seq_len)
+  batch = buckets.make_batch(samples, [(6, 6)], seq_len, tokens_per_item=tokens.tokens_per_item)
   batch = dict(batch, buckets=tuple(batch["buckets"]))
   graphdef, state = nnx.split(model)
   fwd = lambda st, b: nnx.merge(graphdef, st)(b)[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hiwin_jax.data import slicing
+from hiwin_jax.data import layout, slicing
 
 S, P = 336, 14
 
@@ -109,8 +109,8 @@ def test_worked_examples_of_spec_table(row):
     plan = slicing.plan_slices(*size, max_slice_nums)
     assert (plan.overview_size, plan.grid, plan.refine_size, plan.slice_size) == (
         overview, grid, refine, slice_size), f"{size} max={max_slice_nums}: {plan}"
-    assert slicing.image_token_count(plan, "r1") == tok_r1
-    assert slicing.image_token_count(plan, "r2") == tok_r2
+    for order, tok in (("r1", tok_r1), ("r2", tok_r2)):
+      assert layout.image_token_count(plan.grid, layout.TokenLayout(order, 12, 13, 29892)) == tok
 
 
 def test_every_item_is_14_aligned_and_within_576_patches_when_the_grid_is_valid():
@@ -189,23 +189,17 @@ def test_slice_image_cuts_the_refine_image_row_major(size, max_slice_nums):
     cell = refine[y * sh:(y + 1) * sh, x * sw:(x + 1) * sw]
     np.testing.assert_array_equal(np.asarray(piece), cell,
                                   err_msg=f"slice {k} is not cell (row {y}, col {x})")
-  assert res.ind_tokens == ([29892] * (cols - 1) + [13]) * rows
   assert res.overview_patches == (plan.overview_size[1] // 14, plan.overview_size[0] // 14)
   assert res.slice_patches == (sh // 14, sw // 14)
 
 
 def test_slice_image_without_slicing():
   res = slicing.slice_image(_test_image(200, 100), 9)
-  assert res.grid is None and res.slices == [] and res.ind_tokens == []
+  assert res.grid is None and res.slices == []
   assert res.slice_patches is None
   assert res.overview.size == (462, 224) and res.overview_patches == (16, 33)
   res = slicing.slice_image(_test_image(640, 480), 9, never_split=True)
   assert res.grid is None and res.overview.size == (378, 280)
-
-
-def test_ind_tokens_of_a_single_column_end_every_row_with_newline():
-  assert slicing.plan_slices(500, 2000, 9).ind_tokens == [13] * 8
-  assert slicing.plan_slices(4000, 300, 9).ind_tokens == [29892] * 8 + [13]
 
 
 def test_one_pixel_image_is_upscaled_to_a_full_overview():
@@ -233,10 +227,3 @@ def test_check_patch_grid():
     slicing.check_patch_grid(1, 30, "thing")
   with pytest.raises(ValueError, match="577 patches"):
     slicing.check_patch_grid(1, 577, "thing", min_per_side=1)
-
-
-def test_token_counts():
-  assert slicing.image_token_count(slicing.plan_slices(1024, 768, 9), "r1") == 12 * 2 * 37 + 145
-  assert slicing.image_token_count(slicing.plan_slices(1024, 768, 9), "r2") == 145 * 6 + 144
-  with pytest.raises(ValueError):
-    slicing.image_token_count(slicing.plan_slices(10, 10, 9), "r3")

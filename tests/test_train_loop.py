@@ -30,7 +30,7 @@ from jax._src import compilation_cache
 from numerics import assert_close
 
 from hiwin_jax import config as C
-from hiwin_jax.data import synthetic as SY
+from hiwin_jax.data import synthetic
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.train import checkpoint, loop
 from hiwin_jax.train import trainer as T
@@ -66,8 +66,8 @@ def jax_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   root = tmp_path_factory.mktemp("task")
-  t = SY.write_task(root / "task", 24, 1, seed=0, image_size=(112, 56), mark_size=(4, 8))
-  SY.make_tokenizer(root / "tok", t.texts())
+  t = synthetic.write_task(root / "task", 24, 1, seed=0, image_size=(112, 56), mark_size=(4, 8))
+  synthetic.make_tokenizer(root / "tok", t.texts())
   return {"pretrain": str(t.pretrain_json), "sft": str(t.sft_json),
           "images": str(t.image_folder), "tokenizer": str(root / "tok")}
 
@@ -350,7 +350,7 @@ def write_mixed_task(root: pathlib.Path):
   and one truncated PNG with an intact header (skipped when loaded)."""
   images, records = root / "images", []
   for name, size in (("wide", (112, 56)), ("tall", (56, 112))):
-    t = SY.write_task(root / name, 8, 1, seed=1, image_size=size, mark_size=(4, 8))
+    t = synthetic.write_task(root / name, 8, 1, seed=1, image_size=size, mark_size=(4, 8))
     for r in json.loads(t.pretrain_json.read_text()):
       dst = images / name / r["image"]
       dst.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +363,7 @@ def write_mixed_task(root: pathlib.Path):
   records.append({**good, "id": "garbage", "image": "garbage.png"})
   records.append({**good, "id": "truncated", "image": "truncated.png"})
   (root / "data.json").write_text(json.dumps(records))
-  SY.make_tokenizer(root / "tok", [c["value"] for r in records for c in r["conversations"]])
+  synthetic.make_tokenizer(root / "tok", [c["value"] for r in records for c in r["conversations"]])
   return root / "data.json", images, root / "tok"
 
 
@@ -391,8 +391,9 @@ def test_200_mixed_steps_compile_once_per_batch_shape_and_count_skips(jax_cache,
   rows = metrics(tmp_path / "run")
   assert len(rows) == 200 and summary["steps_run"] == 200
 
-  from hiwin_jax.data import pipeline
-  it = pipeline.make_train_iterator(cfg.data, cfg.model, pipeline.load_tokenizer(tok))
+  from hiwin_jax.data import loader
+  from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
+  it = loader.make_train_iterator(cfg.data, cfg.model, LlamaSpmTokenizer(tok))
   keys = len(it.keys)
   assert keys >= 2, f"the mixed sizes gave only {keys} batch shape(s)"
   assert 1 <= step_compiles <= keys, f"{step_compiles} train-step compilations for {keys} keys"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from hiwin_jax import config as C
-from hiwin_jax.data import buckets as B
-from hiwin_jax.data import layout as LY
+from hiwin_jax.data import buckets, layout
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.train import trainer as T
 from numerics import max_rel_err
 
 SEQ = 192
+TOKENS = layout.TokenLayout.from_config(C.load_config("tiny").model.projector)
 
 
 def tiny_cfg(stage="sft", *, mesh=None, jbu=True):
@@ -43,19 +43,19 @@ def samples(n, seed=0):
   for i in range(n):
     h, w = (6, 8) if i % 2 == 0 else (8, 6)
     item = rng.standard_normal((14 * h, 14 * w, 3)).astype(np.float32)
-    span = LY.image_layout(None, "r1", 13, 11)
+    span = layout.image_layout(None, TOKENS)
     caption = rng.integers(3, 40, size=8)
-    ids = np.concatenate([[1, LY.IMAGE_TOKEN_INDEX], caption, [13]])
+    ids = np.concatenate([[1, layout.IMAGE_TOKEN_INDEX], caption, [13]])
     labels = ids.copy()
     labels[:2] = -100
-    out.append((LY.splice(ids, labels, [span]), [item]))
+    out.append((layout.splice(ids, labels, [span]), [item]))
   return out
 
 
 def host_batch(groups):
   """Micro-batches (lists of samples) -> the trainer's host batch with a leading micro axis."""
-  bks = B.default_buckets()
-  mbs = [B.make_batch(g, bks, SEQ) for g in groups]
+  bks = buckets.default_buckets()
+  mbs = [buckets.make_batch(g, bks, SEQ, tokens_per_item=TOKENS.tokens_per_item) for g in groups]
   out = {k: np.stack([m[k] for m in mbs]) for k in T.TEXT_KEYS}
   out["buckets"] = tuple({k: np.stack([m["buckets"][j][k] for m in mbs]) for k in ("pixels", "grid")}
                          for j in range(len(mbs[0]["buckets"])))

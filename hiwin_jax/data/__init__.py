@@ -1,1 +1,2 @@
-"""Host-side data code (numpy/PIL only, no jax): slicing, images, text, token layout."""
+"""Host-side data code (numpy/PIL/grain, no jax): slicing, images, text, token layout, and the
+training loader (`loader.make_train_iterator`)."""

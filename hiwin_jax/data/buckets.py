@@ -9,8 +9,8 @@ at most sqrt(s) larger in area than needed.
 
 A batch holds, per bucket that occurs, the items padded to a slot count from 1, 2, 3, 4, 6, 8, 12,
 ... (empty slots have grid (0, 0)), so the number of distinct compiled programs stays bounded by
-the buckets and slot sizes in use. The model addresses an item's 144 tokens by its flat index
-(buckets in order, then slots).
+the buckets and slot sizes in use. The model addresses an item's tokens (`grid_size`² of them,
+144 in the official model) by its flat index (buckets in order, then slots).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hiwin_jax.data import layout
 from hiwin_jax.data.slicing import PATCH_SIZE as PATCH
-from hiwin_jax.data.slicing import TOKENS_PER_ITEM
 
 MAX_PATCHES = 576
 
@@ -99,25 +99,26 @@ def pack_items(items: Sequence[np.ndarray], buckets: Sequence[tuple[int, int]]) 
 
 
 def make_batch(samples: Sequence[tuple[object, Sequence[np.ndarray]]],
-               buckets: Sequence[tuple[int, int]], seq_len: int, pad_id: int = 0) -> dict:
+               buckets: Sequence[tuple[int, int]], seq_len: int, *, tokens_per_item: int,
+               pad_id: int = 0) -> dict:
   """Model batch from spliced samples: each `(sequence, items)` pairs a `layout.Sequence` (its
-  `image_token` indexes the sample's own items, `item * 144 + t`) with the sample's items'
-  pixels in that order. Sequences are right-padded (or cut) to the static `seq_len`."""
+  `image_token` indexes the sample's own items, `item * tokens_per_item + t`) with the sample's
+  items' pixels in that order. Sequences are right-padded (or cut) to the static `seq_len`.
+  tokens_per_item: `layout.TokenLayout.from_config(cfg.model.projector).tokens_per_item`."""
   all_items = [px for _, items in samples for px in items]
   packed = pack_items(all_items, buckets) if all_items else None
   b = len(samples)
   batch = {"input_ids": np.full((b, seq_len), pad_id, np.int32),
            "image_token": np.full((b, seq_len), -1, np.int32),
-           "labels": np.full((b, seq_len), -100, np.int32),
+           "labels": np.full((b, seq_len), layout.IGNORE_INDEX, np.int32),
            "attention_mask": np.zeros((b, seq_len), bool)}
   first = 0
   for i, (seq, items) in enumerate(samples):
     n = min(len(seq.input_ids), seq_len)
     tok = seq.image_token[:n]
     if items:
-      flat = packed.flat_index[first:first + len(items)]
-      tok = np.where(tok >= 0, flat[np.maximum(tok, 0) // TOKENS_PER_ITEM] * TOKENS_PER_ITEM
-                     + np.maximum(tok, 0) % TOKENS_PER_ITEM, -1)
+      tok = layout.renumber_image_tokens(tok, packed.flat_index[first:first + len(items)],
+                                         tokens_per_item)
     first += len(items)
     batch["input_ids"][i, :n] = seq.input_ids[:n]
     batch["image_token"][i, :n] = tok

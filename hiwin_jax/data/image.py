@@ -1,4 +1,6 @@
-"""Image loading, the official pre-resize rules and the CLIP normalisation (spec §1.4-§1.5).
+"""Image loading, the official pre-resize rules, the CLIP normalisation (spec §1.4-§1.5) and
+`prepare_image`, the one per-image chain (pre-resize, slicing, normalisation, token span) that the
+training loader and the inference requests share.
 
 Host-side code: numpy and PIL only, no jax (it runs in grain worker processes).
 """
@@ -8,12 +10,12 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from hiwin_jax.data import slicing
+from hiwin_jax.data import layout, slicing
 
 # CLIPImageProcessor of openai/clip-vit-large-patch14-336 (not the ImageNet statistics).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,7 +30,8 @@ TRAIN_TARGET_SLICES = 6
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-Variant = Literal["r1", "r2"]
+Variant = Literal["r1", "r2"]  # the official code state (spec §0.1): cfg.model.projector.layout
+Size = tuple[int, int]  # (width, height)
 
 
 class ImageError(ValueError):
@@ -89,55 +92,76 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def resize_keep_ratio(img: Image.Image, max_size: int, variant: Variant = "r1") -> Image.Image:
-  """Official `resize_image_keep_ratio`: longer side -> max_size, aspect ratio kept (BICUBIC).
+def keep_ratio_size(size: Size, max_size: int, variant: Variant) -> Size:
+  """The size official `resize_image_keep_ratio` gives an image of `size` (`size` itself when it
+  leaves the image alone).
 
-  The other side is `int(max_size / long * short)` (truncated; clamped to >= 1 where the official
-  code would ask PIL for a zero-sized image). A square image counts as "height is the long side",
-  so e.g. 49x49 becomes 1023x1024 because (1024/49)*49 < 1024 in floats, as in the official code.
-  "r1" (7B release) only upscales: an image whose longer side is >= max_size is returned as is
-  (the same object). "r2" (branch HEAD) always rescales, up or down.
+  The longer side becomes max_size, the other `int(max_size / long * short)` (truncated; clamped
+  to >= 1 where the official code would ask PIL for a zero-sized image). A square counts as
+  "height is the long side", so e.g. 49x49 becomes 1023x1024 because (1024/49)*49 < 1024 in
+  floats, as in the official code. "r1" (7B release) resizes only when the new width exceeds the
+  old one: it only upscales, and a tall image whose width would not grow after the truncation
+  (e.g. 200x1020 at 1024) is kept. "r2" (branch HEAD) always rescales, up or down (spec §0.1).
   """
   if variant not in ("r1", "r2"):
     raise ValueError(f"variant must be 'r1' or 'r2', got {variant!r}")
-  width, height = img.size
-  if variant == "r1" and max(width, height) >= max_size:
-    return img
+  width, height = size
   if width > height:
-    size = (max_size, max(1, int(max_size / width * height)))
+    new = (max_size, max(1, int(max_size / width * height)))
   else:
-    size = (max(1, int(max_size / height * width)), max_size)
-  return img.resize(size, Image.Resampling.BICUBIC)
+    new = (max(1, int(max_size / height * width)), max_size)
+  if variant == "r1" and new[0] <= width:
+    return (width, height)
+  return new
 
 
-def train_pre_resize(img: Image.Image, path: str, rng: np.random.Generator, *,
-                     variant: Variant = "r1",
-                     scale_resolution: int = slicing.SCALE_RESOLUTION) -> Image.Image:
-  """Training-time pre-resize before slicing (R1 `LazySupervisedDataset`, spec §1.4 steps 1-2).
+def resize_keep_ratio(img: Image.Image, max_size: int, variant: Variant) -> Image.Image:
+  """Official `resize_image_keep_ratio` (BICUBIC) to `keep_ratio_size`; an image it keeps is
+  returned as is (the same object)."""
+  size = keep_ratio_size(img.size, max_size, variant)
+  return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
 
-  - A path containing 'TextVQA' or 'textvqa': `resize_keep_ratio(img, 1024, variant)`; `rng` is
-    not used.
-  - Otherwise exactly one `rng.random()` is drawn; if it is < 0.1 and the image does not already
-    give 6 slices at max_slice_nums=7, the image is rescaled (BICUBIC) by
-    r = sqrt(6·336² / (W·H)) to (int(W·r), int(H·r)) (each clamped to >= 1), so its area is
-    under 6·336² and the slicer's candidate counts become 5, 6, 7 (336 = `scale_resolution`,
-    the ViT's input side).
-  The official code draws from Python's global `random`; a per-sample numpy Generator keeps this
-  reproducible across grain workers.
-  """
-  if "TextVQA" in path or "textvqa" in path:
-    return resize_keep_ratio(img, TRAIN_TEXTVQA_MAX_SIZE, variant)
-  width, height = img.size
-  draw = rng.random()
+
+def is_textvqa(path: str | None) -> bool:
+  """Training images with the TextVQA pre-resize: the path names 'TextVQA' or 'textvqa'."""
+  return path is not None and ("TextVQA" in path or "textvqa" in path)
+
+
+def train_pre_resize_size(size: Size, path: str, draw: float, *, variant: Variant,
+                          scale_resolution: int = slicing.SCALE_RESOLUTION) -> Size:
+  """The size `train_pre_resize` gives an image of `size`, computed without pixels."""
+  if is_textvqa(path):
+    return keep_ratio_size(size, TRAIN_TEXTVQA_MAX_SIZE, variant)
+  width, height = size
   plan = slicing.plan_slices(width, height, slicing.TRAIN_MAX_SLICE_NUMS, scale_resolution)
   if draw < TRAIN_RESIZE_PROB and plan.num_slices != TRAIN_TARGET_SLICES:
     s = scale_resolution
     r = math.sqrt(TRAIN_TARGET_SLICES * s * s / (width * height))
-    return img.resize((max(1, int(width * r)), max(1, int(height * r))), Image.Resampling.BICUBIC)
-  return img
+    return max(1, int(width * r)), max(1, int(height * r))
+  return (width, height)
 
 
-def eval_pre_resize(img: Image.Image, image_folder: str, variant: Variant = "r1") -> Image.Image:
+def train_pre_resize(img: Image.Image, path: str, draw: float, *, variant: Variant,
+                     scale_resolution: int = slicing.SCALE_RESOLUTION) -> Image.Image:
+  """Training-time pre-resize before slicing (`LazySupervisedDataset`, spec §1.4 steps 1-2).
+
+  - A path containing 'TextVQA' or 'textvqa': `resize_keep_ratio(img, 1024, variant)`; `draw`
+    is not used.
+  - Otherwise, if `draw` < 0.1 and the image does not already give 6 slices at
+    max_slice_nums=7, the image is rescaled (BICUBIC) by r = sqrt(6·336² / (W·H)) to
+    (int(W·r), int(H·r)) (each clamped to >= 1), so its area is under 6·336² and the slicer's
+    candidate counts become 5, 6, 7 (336 = `scale_resolution`, the ViT's input side).
+  `draw` is the official code's one `random.random()` per sample (drawn from Python's global
+  `random` there); a caller draws it reproducibly. Both code states train this way; `variant`
+  only changes the TextVQA resize (R1 upscales only, R2 always rescales).
+  An image the rule keeps is returned as is (the same object).
+  """
+  size = train_pre_resize_size(img.size, path, draw, variant=variant,
+                               scale_resolution=scale_resolution)
+  return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+
+
+def eval_pre_resize(img: Image.Image, image_folder: str, variant: Variant) -> Image.Image:
   """Evaluation-time pre-resize (`model_vqa_loader.py`, spec §1.4), chosen by the folder name.
 
   Case-sensitive substring rules, first match wins: 'mme' or 'ai2d' -> unchanged (so the usual
@@ -164,3 +188,23 @@ def clip_normalize(img: Image.Image | np.ndarray) -> np.ndarray:
                      f"shape {arr.shape}{mode}")
   v = (arr.astype(np.float64) * CLIP_RESCALE).astype(np.float32)
   return (v - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+def prepare_image(img: Image.Image, tokens: layout.TokenLayout, *, max_slice_nums: int,
+                  scale_resolution: int, never_split: bool = False,
+                  pre_resize: Callable[..., Image.Image] | None = None,
+                  ) -> tuple[layout.ImageLayout, tuple[np.ndarray, ...]]:
+  """One loaded image -> (its span in the LLM sequence, its items), as training and evaluation
+  both prepare it (spec §1.3-§1.5, §5).
+
+  `pre_resize(img, variant=tokens.layout)` (the training or the evaluation rule; None: none),
+  `slicing.slice_image`, `clip_normalize` of the slices (row-major) and then the overview
+  (items: float32 [14h, 14w, 3] each), and `layout.image_layout` of the slice grid. The
+  pre-resize variant is the token layout's: both name the official code state (spec §0.1), so
+  an R2 model (13B, Qwen2) gets R2's rule.
+  """
+  if pre_resize is not None:
+    img = pre_resize(img, variant=tokens.layout)
+  res = slicing.slice_image(img, max_slice_nums, scale_resolution, never_split=never_split)
+  items = tuple(clip_normalize(x) for x in res.slices + [res.overview])
+  return layout.image_layout(res.grid, tokens), items

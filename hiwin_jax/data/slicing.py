@@ -18,18 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Literal
 
 from PIL import Image
 
 SCALE_RESOLUTION = 336  # CLIP ViT-L/14-336 input side
 PATCH_SIZE = 14
-NEWLINE_TOKEN = 13  # "<0x0A>": ends each row of slices
-COMMA_TOKEN = 29892  # ",": between slices of a row (the official code calls it DOT_TOKEN)
 TRAIN_MAX_SLICE_NUMS = 7
 EVAL_MAX_SLICE_NUMS = 9
-QUERIES_PER_SIDE = 12  # Hiwin emits 12 x 12 = 144 tokens per slice and per overview
-TOKENS_PER_ITEM = QUERIES_PER_SIDE * QUERIES_PER_SIDE
 
 Size = tuple[int, int]
 
@@ -119,15 +114,6 @@ class SlicePlan:
     return self.slice_size[1] // self.patch_size, self.slice_size[0] // self.patch_size
 
   @property
-  def ind_tokens(self) -> list[int]:
-    """Separator after each slice, row-major: 13 ("\\n") ending a row, 29892 (",") otherwise."""
-    if self.grid is None:
-      return []
-    cols, rows = self.grid
-    row = [COMMA_TOKEN] * (cols - 1) + [NEWLINE_TOKEN]
-    return row * rows
-
-  @property
   def slice_boxes(self) -> list[tuple[int, int, int, int]]:
     """PIL crop boxes (left, upper, right, lower) in the refine image, row-major."""
     if self.grid is None:
@@ -197,11 +183,11 @@ def check_plan(plan: SlicePlan, min_patches_per_side: int = 2) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SliceResult:
-  """Output of `slice_image`: the overview, the slices (row-major) and their separators."""
+  """Output of `slice_image`: the overview and the slices (row-major). The separators the
+  official function also returns are token layout: `layout.ind_tokens`."""
   overview: Image.Image
   slices: list[Image.Image]
   grid: Size | None  # (cols, rows)
-  ind_tokens: list[int]
   plan: SlicePlan
 
   @property
@@ -237,22 +223,5 @@ def slice_image(image: Image.Image, max_slice_nums: int, scale_resolution: int =
   if plan.grid is not None:
     refine = image.resize(plan.refine_size, Image.Resampling.BICUBIC)
     slices = [refine.crop(box) for box in plan.slice_boxes]
-  return SliceResult(overview, slices, plan.grid, plan.ind_tokens, plan)
+  return SliceResult(overview, slices, plan.grid, plan)
 
-
-def image_token_count(plan: SlicePlan | SliceResult, layout: Literal["r1", "r2"]) -> int:
-  """Number of LLM input embeddings that replace the `<image>` placeholder (spec §5).
-
-  "r1" (7B release): the slices' 12x12 tokens form one grid with a "\\n" after every token row, then
-  one separator token, then the 144 overview tokens: 12*rows*(12*cols + 1) + 1 + 144.
-  "r2" (branch HEAD): 144 tokens + one separator per slice, then the overview: 145*n + 144.
-  Without slicing both are 144.
-  """
-  if layout not in ("r1", "r2"):
-    raise ValueError(f"layout must be 'r1' or 'r2', got {layout!r}")
-  if plan.grid is None:
-    return TOKENS_PER_ITEM
-  cols, rows = plan.grid
-  if layout == "r1":
-    return QUERIES_PER_SIDE * rows * (QUERIES_PER_SIDE * cols + 1) + 1 + TOKENS_PER_ITEM
-  return (TOKENS_PER_ITEM + 1) * cols * rows + TOKENS_PER_ITEM

@@ -36,7 +36,8 @@ ViT patch.
 `make_tokenizer` trains a LLaMA-style SentencePiece BPE model (ids 0-2 = <unk> <s> </s>, bytes
 3-258 so "\\n" = 13 as in LLaMA, then merges) small enough for the tiny LLM's 512-row vocabulary
 and writes a folder that `LlamaSpmTokenizer` loads. It checks that LLaVA's round arithmetic
-holds for it (see `make_tokenizer`). `score` gives exact-match accuracy and the chance level.
+holds for it (see `make_tokenizer`). Answers are scored by `hiwin_jax.infer.evaluate.score` (metric
+"normalized": " Red." is "red") with `SyntheticTask.chance` as the chance levels.
 
 Host-side code: numpy, PIL, sentencepiece; no jax.
 """
@@ -49,9 +50,7 @@ import io
 import json
 import os
 import pathlib
-import re
-import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,6 +110,11 @@ class SyntheticTask:
   grid: tuple[int, int] | None
   n_train: int
   n_eval: int
+
+  @property
+  def chance(self) -> dict[str, float]:
+    """category -> the accuracy of a uniform guess (1 / its number of answers)."""
+    return {category: 1.0 / len(answers) for category, answers in self.answers.items()}
 
   def eval_records(self) -> list[dict[str, Any]]:
     """The lines of eval.jsonl."""
@@ -487,64 +491,3 @@ def make_tokenizer(folder: str | os.PathLike, texts: Iterable[str], *,
   tok = LlamaSpmTokenizer(folder)
   _check_tokenizer(tok, single_token_words)
   return tok
-
-
-# --- scoring ----------------------------------------------------------------------------------
-
-
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-  """Lower case, punctuation to spaces, whitespace collapsed: " Red." -> "red"."""
-  return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
-
-
-def score(predictions: Mapping[str, str] | Sequence[str],
-          eval_records: Sequence[Mapping[str, Any]] | str | os.PathLike) -> dict[str, Any]:
-  """Exact-match accuracy of `predictions` on the eval questions, and the chance level.
-
-  Args:
-    predictions: question_id -> predicted text, or one text per record in order.
-    eval_records: the eval.jsonl records (or its path); each needs question_id and answer, and
-      a category from ANSWERS for the chance level (1 / number of answers).
-  Returns:
-    {"accuracy", "chance", "correct", "n", "per_category": {category: {"accuracy", "chance",
-    "correct", "n"}}}; accuracy is nan for no records.
-  Raises:
-    ValueError naming the missing question ids, or on a length mismatch.
-  """
-  if isinstance(eval_records, (str, os.PathLike)):
-    eval_records = read_eval_records(eval_records)
-  if isinstance(predictions, Mapping):
-    missing = [r["question_id"] for r in eval_records if r["question_id"] not in predictions]
-    if missing:
-      raise ValueError(f"no prediction for {len(missing)} question(s), e.g. {missing[:5]}")
-    texts = [predictions[r["question_id"]] for r in eval_records]
-  else:
-    texts = list(predictions)
-    if len(texts) != len(eval_records):
-      raise ValueError(f"{len(texts)} predictions for {len(eval_records)} questions")
-
-  def summary(hits: list[bool], chances: list[float]) -> dict[str, Any]:
-    n = len(hits)
-    return {"accuracy": sum(hits) / n if n else float("nan"),
-            "chance": sum(chances) / n if n else float("nan"), "correct": sum(hits), "n": n}
-
-  by_category: dict[str, tuple[list[bool], list[float]]] = {}
-  hits, chances = [], []
-  for text, record in zip(texts, eval_records):
-    category = record.get("category")
-    if category not in ANSWERS:
-      raise ValueError(f"question {record['question_id']}: category {category!r} is not one of "
-                       f"{sorted(ANSWERS)}")
-    hit = normalize_answer(str(text)) == normalize_answer(str(record["answer"]))
-    chance = 1.0 / len(ANSWERS[category])
-    hits.append(hit)
-    chances.append(chance)
-    by_category.setdefault(category, ([], []))
-    by_category[category][0].append(hit)
-    by_category[category][1].append(chance)
-  result = summary(hits, chances)
-  result["per_category"] = {c: summary(*v) for c, v in sorted(by_category.items())}
-  return result

@@ -19,16 +19,13 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hiwin_jax.data import buckets as B
-from hiwin_jax.data import image as I
-from hiwin_jax.data import slicing
-from hiwin_jax.infer import requests as R
-from hiwin_jax.infer import scorers as S
+from hiwin_jax.data import image, slicing
+from hiwin_jax.infer import requests, scorers
 
 if TYPE_CHECKING:
   from hiwin_jax.infer.generate import GenerationConfig
@@ -82,7 +79,7 @@ def references(q: dict) -> list[str] | None:
 
 @dataclasses.dataclass
 class EvalSettings:
-  template: str = R.DEFAULT_TEMPLATE
+  template: str = requests.DEFAULT_TEMPLATE
   max_slice_nums: int = slicing.EVAL_MAX_SLICE_NUMS
   batch_size: int = 1
   model_id: str = "hiwin"
@@ -162,19 +159,18 @@ def answer_questions(model, tokenizer, cfg_model, questions_path, image_folder, 
         try:
           img = None
           if q.get("image"):
-            img = I.load_image(pathlib.Path(folder) / q["image"])
-          ready.append((q, R.prepare(
+            img = image.load_image(pathlib.Path(folder) / q["image"])
+          ready.append((q, requests.prepare(
               str(q.get("text", "")), img, tokenizer, cfg_model, template=settings.template,
               image_folder=folder, max_slice_nums=settings.max_slice_nums,
               pre_resize=settings.pre_resize, max_context=max_context,
               reserve=gen.max_new_tokens)))
-        except (I.ImageError, R.RequestError, ValueError) as e:
+        except (image.ImageError, requests.RequestError, ValueError) as e:
           write(q, "", f"{type(e).__name__}: {e}")
           if log:
             log.warning("question %s: %s", q["question_id"], e)
       if ready:
-        result = generator(R.collate([p for _, p in ready], B.model_buckets(cfg_model.vision)),
-                           gen)
+        result = generator(requests.collate([p for _, p in ready], cfg_model), gen)
         for (q, _), toks, n in zip(ready, result.tokens, result.lengths):
           write(q, tokenizer.decode([int(t) for t in toks[:n]], skip_special_tokens=True).strip())
       out.flush()
@@ -184,11 +180,15 @@ def answer_questions(model, tokenizer, cfg_model, questions_path, image_folder, 
   return counts
 
 
-def score(questions_path, answers_path, metric: str) -> dict[str, Any]:
+def score(questions_path, answers_path, metric: str, *,
+          chance: Mapping[str, float] | None = None) -> dict[str, Any]:
   """Scores the answers file against the references of the question file.
 
-  metric: vqa, anls, relaxed, exact, choice (mean over questions that have references; a
-  question answered with an error scores 0) or mme (per-category acc / acc+ / score).
+  metric: vqa, anls, relaxed, exact, normalized, choice (`scorers.METRICS`; the mean over the
+  questions that have references, a question answered with an error scoring 0; also per
+  `category` when the questions have one) or mme (per-category acc / acc+ / score).
+  chance: category -> the score of a guess (1 / the number of possible answers); the result then
+  also holds the chance level of the scored questions, overall and per category.
   """
   questions = {q["question_id"]: q for q in read_questions(questions_path)}
   answers = {a["question_id"]: a for a in read_jsonl(answers_path, strict=False)}
@@ -196,13 +196,14 @@ def score(questions_path, answers_path, metric: str) -> dict[str, Any]:
     records = [dict(category=q.get("category", "all"), image=q.get("image"),
                     prediction=answers.get(qid, {}).get("text", ""), answer=references(q)[0])
                for qid, q in questions.items() if references(q)]
-    per = S.mme_scores(records)
+    per = scorers.mme_scores(records)
     return {"metric": "mme", "categories": per,
             "total_score": sum(v["score"] for v in per.values())}
-  if metric not in S.METRICS:
-    raise ValueError(f"unknown metric {metric!r}; choose from {sorted(S.METRICS) + ['mme']}")
-  fn = S.METRICS[metric]
-  values, errors, missing = [], 0, 0
+  if metric not in scorers.METRICS:
+    raise ValueError(f"unknown metric {metric!r}; choose from "
+                     f"{sorted(scorers.METRICS) + ['mme']}")
+  fn = scorers.METRICS[metric]
+  values, categories, errors, missing = [], [], 0, 0
   for qid, q in questions.items():
     refs = references(q)
     if refs is None:
@@ -211,13 +212,29 @@ def score(questions_path, answers_path, metric: str) -> dict[str, Any]:
     if a is None:
       missing += 1
       continue
+    categories.append(q.get("category"))
     if a.get("error"):
       errors += 1
       values.append(0.0)
       continue
     values.append(fn(a.get("text", ""), refs[0] if metric == "choice" else refs))
-  return {"metric": metric, "score": float(np.mean(values)) if values else None,
-          "scored": len(values), "errors": errors, "unanswered": missing}
+  result = {"metric": metric, "score": float(np.mean(values)) if values else None,
+            "scored": len(values), "errors": errors, "unanswered": missing}
+  if chance is not None:
+    unknown = sorted({str(c) for c in categories if c not in chance})
+    if unknown:
+      raise ValueError(f"{questions_path}: no chance level for the categories {unknown} "
+                       f"(known: {sorted(chance)})")
+    result["chance"] = float(np.mean([chance[c] for c in categories])) if values else None
+  if any(c is not None for c in categories):
+    result["per_category"] = {}
+    for c in sorted({c for c in categories if c is not None}, key=str):
+      mine = [v for v, k in zip(values, categories) if k == c]
+      entry = {"score": float(np.mean(mine)), "scored": len(mine)}
+      if chance is not None:
+        entry["chance"] = float(chance[c])
+      result["per_category"][c] = entry
+  return result
 
 
 class ByteTokenizer:
@@ -294,7 +311,7 @@ def add_model_args(p) -> None:
                  help="tokenizer folder (tokenizer.model + tokenizer_config.json), or 'bytes' "
                       "for the byte-level test tokenizer of tiny models")
   p.add_argument("--dtype", default=None, help="parameter dtype when importing an official folder")
-  p.add_argument("--template", default=R.DEFAULT_TEMPLATE, help="conversation template")
+  p.add_argument("--template", default=requests.DEFAULT_TEMPLATE, help="conversation template")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy / beam search")
@@ -318,13 +335,13 @@ def main(args, overrides) -> int:
   if args.command == "generate":
     images = args.image or [None]
     try:
-      prepared = [R.prepare(args.prompt, I.load_image(path) if path else None, tokenizer,
-                            cfg_model, template=args.template,
-                            image_folder=str(pathlib.Path(path).parent) if path else "",
-                            max_slice_nums=args.max_slice_nums,
-                            max_context=int(cfg_model.llm.max_position_embeddings),
-                            reserve=gen.max_new_tokens) for path in images]
-    except R.RequestError as e:
+      prepared = [requests.prepare(args.prompt, image.load_image(path) if path else None,
+                                   tokenizer, cfg_model, template=args.template,
+                                   image_folder=str(pathlib.Path(path).parent) if path else "",
+                                   max_slice_nums=args.max_slice_nums,
+                                   max_context=int(cfg_model.llm.max_position_embeddings),
+                                   reserve=gen.max_new_tokens) for path in images]
+    except requests.RequestError as e:
       print(f"hiwin generate: error: {e}", file=sys.stderr)
       return 2
     shown: list[int] = []
@@ -338,8 +355,7 @@ def main(args, overrides) -> int:
         stream.text = text
     stream.text = ""
     streaming = gen.num_beams == 1 and len(prepared) == 1
-    out = Generator(model)(R.collate(prepared, B.model_buckets(cfg_model.vision)), gen,
-                           seed=args.seed,
+    out = Generator(model)(requests.collate(prepared, cfg_model), gen, seed=args.seed,
                            stream=stream if streaming else None)
     if streaming:
       sys.stdout.write("\n")

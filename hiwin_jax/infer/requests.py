@@ -5,9 +5,11 @@ The official evaluation (`llava/eval/model_vqa_loader.py`) builds, per question:
   prompt = vicuna_v1 conversation with an open assistant turn ("... USER: <image>\\n{q} ASSISTANT:"),
   ids = tokenizer_image_token(prompt),
   image = eval_pre_resize(image, image_folder) then slice_image(max_slice_nums=9), CLIP-normalised.
-`prepare` reproduces that; `prepare_ids` is the tokenizer-free path (ids already holding the
-IMAGE_TOKEN_INDEX placeholder) that tests with the tiny vocabulary use. `collate` packs prepared
-requests into one right-padded batch with the shape buckets.
+`prepare` reproduces that (the image through `image.prepare_image`, as training prepares it, with
+the evaluation pre-resize of the model's code state: R1 for the 7B release, R2 for 13B/Qwen2);
+`prepare_ids` is the tokenizer-free path (ids already holding the IMAGE_TOKEN_INDEX placeholder)
+that tests with the tiny vocabulary use. `collate` packs prepared requests into one right-padded
+batch with the model's shape buckets and token geometry.
 
 Host code only (numpy/PIL): it runs before jit.
 """
@@ -15,16 +17,14 @@ Host code only (numpy/PIL): it runs before jit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from hiwin_jax.data import buckets as B
-from hiwin_jax.data import conversation, slicing
-from hiwin_jax.data import image as I
-from hiwin_jax.data import layout as L
+from hiwin_jax.data import buckets, conversation, image, layout, slicing
 from hiwin_jax.data.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 DEFAULT_TEMPLATE = "vicuna_v1"
@@ -38,7 +38,7 @@ class RequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """One request ready for `collate`: the spliced sequence and its items' pixels."""
-  sequence: L.Sequence
+  sequence: layout.Sequence
   items: tuple[np.ndarray, ...]
   prompt: str = ""
 
@@ -62,17 +62,16 @@ def official_prompt(question: str, has_image: bool, template: str = DEFAULT_TEMP
 
 
 def image_items(img: Image.Image, cfg_model, *, image_folder: str = "",
-                max_slice_nums: int = slicing.EVAL_MAX_SLICE_NUMS, pre_resize: bool = True,
-                variant: str = "r1"):
-  """Eval pre-resize (chosen by the folder name, as the official loader), slicing, CLIP
-  normalisation -> (layout span, items [slices..., overview])."""
-  if pre_resize:
-    img = I.eval_pre_resize(img, image_folder, variant)
-  res = slicing.slice_image(img, max_slice_nums, int(cfg_model.vision.image_size))
-  items = tuple(I.clip_normalize(x) for x in res.slices) + (I.clip_normalize(res.overview),)
-  proj = cfg_model.projector
-  span = L.image_layout(res.grid, proj.layout, proj.newline_token, proj.comma_token)
-  return span, items
+                max_slice_nums: int = slicing.EVAL_MAX_SLICE_NUMS, pre_resize: bool = True
+                ) -> tuple[layout.ImageLayout, tuple[np.ndarray, ...]]:
+  """`image.prepare_image` with the evaluation pre-resize (chosen by the folder name, as the
+  official loader does; its R1/R2 variant is `cfg_model.projector.layout`) -> (layout span,
+  items [slices..., overview])."""
+  rule = functools.partial(image.eval_pre_resize, image_folder=image_folder)
+  return image.prepare_image(img, layout.TokenLayout.from_config(cfg_model.projector),
+                             max_slice_nums=max_slice_nums,
+                             scale_resolution=int(cfg_model.vision.image_size),
+                             pre_resize=rule if pre_resize else None)
 
 
 def _check_length(n: int, max_context: int | None, where: str) -> None:
@@ -101,7 +100,7 @@ def prepare_ids(ids: Sequence[int], image: Image.Image | None, cfg_model, *,
     span, items = image_items(image, cfg_model, image_folder=image_folder,
                               max_slice_nums=max_slice_nums, pre_resize=pre_resize)
     spans.append(span)
-  seq = L.splice(ids, None, spans)
+  seq = layout.splice(ids, None, spans)
   _check_length(len(seq.input_ids) + reserve, max_context, "the prompt")
   return Prepared(seq, items)
 
@@ -119,14 +118,17 @@ def prepare(question: str, image: Image.Image | None, tokenizer, cfg_model, *,
   return dataclasses.replace(p, prompt=prompt)
 
 
-def collate(prepared: Sequence[Prepared], buckets=None, seq_len: int | None = None,
+def collate(prepared: Sequence[Prepared], cfg_model, seq_len: int | None = None,
             pad_id: int = 0) -> dict[str, Any]:
-  """Right-padded batch (numpy) of prepared requests; `seq_len` defaults to the longest;
-  `buckets` default to CLIP-L/14-336's (`buckets.model_buckets(cfg_model.vision)` for others)."""
+  """Right-padded batch (numpy) of prepared requests for the model of `cfg_model` (its shape
+  buckets, `buckets.model_buckets(cfg_model.vision)`, and its tokens per item); `seq_len`
+  defaults to the longest."""
   if not prepared:
     raise ValueError("collate needs at least one request")
-  buckets = B.default_buckets() if buckets is None else buckets
   seq_len = max(p.length for p in prepared) if seq_len is None else seq_len
-  batch = B.make_batch([(p.sequence, list(p.items)) for p in prepared], buckets, seq_len, pad_id)
+  tokens = layout.TokenLayout.from_config(cfg_model.projector)
+  batch = buckets.make_batch([(p.sequence, list(p.items)) for p in prepared],
+                             buckets.model_buckets(cfg_model.vision), seq_len,
+                             tokens_per_item=tokens.tokens_per_item, pad_id=pad_id)
   batch.pop("labels")
   return batch

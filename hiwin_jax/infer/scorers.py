@@ -10,6 +10,8 @@
 - `relaxed_accuracy` (ChartQA): numbers within 5% relative error of the target are right
   ("12%" reads as 0.12); other answers must match exactly (case-insensitive).
 - `exact_match`: after strip + lower case.
+- `normalized_match`: after lower case, punctuation to spaces and whitespace collapsed
+  (" Red." matches "red"; no article or number-word rules, unlike the VQA normalisation).
 - `choice_accuracy`: the option letter read from the answer ("B", "(B)", "B. cat", "The answer is B").
 - `mme_scores` (MME): yes/no accuracy per question and acc+ per image (both of its two questions
   right); a subtask's score is 100 * (acc + acc+).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import re
+import string
 from collections.abc import Iterable, Sequence
 
 # --- VQA answer normalisation ---------------------------------------------------------------------
@@ -172,6 +175,21 @@ def exact_match(prediction: str, answers: Sequence[str] | str) -> float:
   return float(any(pred == str(a).strip().lower() for a in answers))
 
 
+_ANY_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+  """Lower case, punctuation to spaces, whitespace collapsed: " Red." -> "red"."""
+  return " ".join(_ANY_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def normalized_match(prediction: str, answers: Sequence[str] | str) -> float:
+  """1 if the prediction equals an answer after `normalize_answer`."""
+  answers = [answers] if isinstance(answers, str) else list(answers)
+  pred = normalize_answer(prediction)
+  return float(any(pred == normalize_answer(str(a)) for a in answers))
+
+
 # Tried in order: a parenthesised letter anywhere wins over a bare leading capital, so
 # "I think (B) is right" names B, not the pronoun.
 _LETTER_PATTERNS = (
@@ -228,4 +246,4 @@ def mme_scores(records: Iterable[dict]) -> dict[str, dict[str, float]]:
 
 
 METRICS = {"vqa": vqa_accuracy, "anls": anls, "relaxed": relaxed_accuracy,
-           "exact": exact_match, "choice": choice_accuracy}
+           "exact": exact_match, "normalized": normalized_match, "choice": choice_accuracy}

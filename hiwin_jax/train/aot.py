@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from hiwin_jax.data.slicing import PATCH_SIZE, TOKENS_PER_ITEM
+from hiwin_jax.data import layout
+from hiwin_jax.data.slicing import PATCH_SIZE
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.parallel import sharding as S
 
@@ -143,8 +144,9 @@ def representative_batch(trainer, rows_per_shard: int, seq: int, slices: int,
   k = int(trainer.cfg.data.grad_accum) if "data" in trainer.cfg else 1
   rows = rows_per_shard * batch_shards(trainer.mesh, trainer.rules_table)
   items = rows * (slices + 1)
-  if (slices + 1) * TOKENS_PER_ITEM > seq:
-    raise ValueError(f"{slices} slices + overview need {(slices + 1) * TOKENS_PER_ITEM} image "
+  per_item = layout.TokenLayout.from_config(trainer.cfg.model.projector).tokens_per_item
+  if (slices + 1) * per_item > seq:
+    raise ValueError(f"{slices} slices + overview need {(slices + 1) * per_item} image "
                      f"tokens per sample, more than --seq {seq}")
   sh = trainer.batch_sharding
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sh)

@@ -173,16 +173,17 @@ def run_training(cfg, out_dir: str | pathlib.Path, *, devices=None, tokenizer=No
   preemption would (tests).
   """
   import orbax.checkpoint as ocp
-  from hiwin_jax.data import pipeline
+  from hiwin_jax.data import loader
+  from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
   out = pathlib.Path(out_dir).resolve()
   lead = jax.process_index() == 0
   if lead:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  tokenizer = tokenizer or pipeline.load_tokenizer(cfg.data.tokenizer)
-  data = pipeline.make_train_iterator(cfg.data, cfg.model, tokenizer,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+  tokenizer = tokenizer or LlamaSpmTokenizer(cfg.data.tokenizer)
+  data = loader.make_train_iterator(cfg.data, cfg.model, tokenizer,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
   # Epochs can differ in length (the pre-resize draw moves samples between keys): the plan's
   # own total, not epoch 0's length times the epochs, is what the iterator can deliver.
   total = int(cfg.train.num_steps) if cfg.train.num_steps > 0 else data.num_steps
@@ -325,13 +326,12 @@ def stage_config(model: str, stage: str) -> ml_collections.ConfigDict:
   configs/), with the official hyperparameters of official-spec §7 (R1): data template, slicing,
   max length, global batch, learning rate, trainable sets; fp32 master weights."""
   from hiwin_jax import config as C
-  from hiwin_jax.data import pipeline
   from hiwin_jax.train import trainer
   cfg = C.load_config(model)
   cfg.stage = stage
   cfg.model.precision.param_dtype = "float32"
   cfg.train = trainer.train_config(stage)
-  cfg.data = pipeline.data_config()
+  cfg.data = C.data_config()
   pre = stage == "pretrain"
   cfg.data.update(template="plain" if pre else "vicuna_v1", slicing=not pre,
                   max_length=3072 if pre else 4096, global_batch_size=256 if pre else 128)

@@ -1,11 +1,12 @@
-"""LLaVA-format JSON + image folder -> an ArrayRecord dataset (a TFDS `GeneratorBasedBuilder`).
+"""The ArrayRecord dataset of LLaVA conversations: its writer (`build`, a TFDS
+`GeneratorBasedBuilder` over a LLaVA json + image folder) and its reader (`ArrayRecordSource`).
 
 Written with `file_format="array_record"` and read back with `builder.as_data_source()`, so neither
-writing nor reading needs tensorflow (environment.md). One record per JSON entry, in JSON order
-(`disable_shuffling=True`, keys are the entry indices), so the ArrayRecord source and the JSON
-source give the training pipeline the same records and therefore the same samples. Bad entries are
-written too, with the reason, and excluded by the pipeline's metadata pass exactly as the JSON
-source would exclude them.
+writing nor reading needs tensorflow. One record per JSON entry, in JSON order
+(`disable_shuffling=True`, keys are the entry indices), so `ArrayRecordSource` and
+`sources.JsonSource` give the training pipeline the same records and therefore the same samples.
+Bad entries are written too, with the reason, and excluded by the metadata pass exactly as the
+JSON source would exclude them.
 
 Features (bytes-valued as read back by the data source):
   id           the entry's id (str(id); "" when the entry has none)
@@ -22,10 +23,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Any
 
 import numpy as np
 
-from hiwin_jax.data import pipeline
+from hiwin_jax.data import sources
 
 DATASET_NAME = "llava_conversations"
 VERSION = "1.0.0"
@@ -74,7 +76,7 @@ def _builder_class():
       return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-      source = pipeline.JsonSource(self._json_path, self._image_folder)
+      source = sources.JsonSource(self._json_path, self._image_folder)
       for i in range(len(source)):
         yield i, _example(source, i)
 
@@ -82,7 +84,7 @@ def _builder_class():
   return LlavaConversations
 
 
-def _example(source: pipeline.JsonSource, i: int) -> dict:
+def _example(source: sources.JsonSource, i: int) -> dict:
   raw = source.raw(i)
   out = {"id": "", "image": b"", "image_path": "", "conversations": "null", "width": 0,
          "height": 0, "error": ""}
@@ -92,8 +94,8 @@ def _example(source: pipeline.JsonSource, i: int) -> dict:
     out["image_path"] = image if isinstance(image, str) else ""
     out["conversations"] = json.dumps(raw.get("conversations"))
   try:
-    record = pipeline.parse_record(raw)
-  except pipeline.RecordError as e:
+    record = sources.parse_record(raw)
+  except sources.RecordError as e:
     out["error"] = f"bad_record: {e}"
     return out
   if record.image_path is None:
@@ -104,15 +106,15 @@ def _example(source: pipeline.JsonSource, i: int) -> dict:
     return out
   out["image"] = pathlib.Path(path).read_bytes()
   try:
-    out["width"], out["height"] = pipeline.header_size(out["image"])
-  except pipeline.HeaderError as e:
+    out["width"], out["height"] = sources.header_size(out["image"])
+  except sources.HeaderError as e:
     out["error"] = f"unreadable_image: {e}"
   return out
 
 
 def build(json_path: str, image_folder: str, out_dir: str) -> str:
   """Writes the ArrayRecord dataset under `out_dir`; returns the folder to read it from
-  (`out_dir/llava_conversations/1.0.0`, the `data.array_record_dir` of `pipeline.data_config`)."""
+  (`out_dir/llava_conversations/1.0.0`, the `data.array_record_dir` of `config.data_config`)."""
   tfds = _tfds()
   builder = _builder_class()(json_path=str(json_path), image_folder=str(image_folder),
                              data_dir=str(out_dir), file_format="array_record")
@@ -134,3 +136,56 @@ def data_source(dataset_dir: str):
       raise FileNotFoundError(f"{dataset_dir}: no ArrayRecord dataset here (no dataset_info.json; "
                               f"write one with `hiwin data build`)")
   return tfds.builder_from_directory(str(path)).as_data_source(split="train")
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class ArrayRecordSource:
+  """A dataset `build` wrote, as a training source (`sources.Source`), read without tensorflow."""
+
+  def __init__(self, dataset_dir: str | os.PathLike):
+    self.dataset_dir = str(dataset_dir)
+    self._ds = None
+
+  def __getstate__(self):
+    return {"dataset_dir": self.dataset_dir, "_ds": None}
+
+  def _data(self):
+    if self._ds is None:
+      self._ds = data_source(self.dataset_dir)
+    return self._ds
+
+  def __len__(self) -> int:
+    return len(self._data())
+
+  def fingerprint(self) -> list:
+    return sources.file_fingerprint([p for p in pathlib.Path(self.dataset_dir).rglob("*")
+                                     if p.is_file()])
+
+  def _row(self, i: int) -> tuple[dict, sources.Record | None]:
+    row = self._data()[i]
+    error = _text(row["error"])
+    if error:
+      return row, None
+    path = _text(row["image_path"])
+    return row, sources.Record(_text(row["id"]), path or None,
+                               json.loads(_text(row["conversations"])))
+
+  def inspect(self, i: int) -> sources.Inspected:
+    row, record = self._row(i)
+    rid = _text(row["id"])
+    if record is None:
+      reason, _, message = _text(row["error"]).partition(": ")
+      return sources.Inspected(rid, None, reason=reason, message=message)
+    if record.image_path is None:
+      return sources.Inspected(rid, record)
+    return sources.Inspected(rid, record, size=(int(row["width"]), int(row["height"])))
+
+  def fetch(self, i: int) -> tuple[sources.Record, Any]:
+    """The record and its image (the encoded bytes; None for text-only)."""
+    row, record = self._row(i)
+    if record is None:
+      raise sources.RecordError(_text(row["error"]))
+    return record, (None if record.image_path is None else bytes(row["image"]))
