@@ -1,9 +1,10 @@
-"""Token organisation (spec §5) against a direct re-statement of the official splicing."""
+"""Token organisation (spec §5) against its re-statement in tests/reference/layout.py."""
 
 import numpy as np
 import pytest
 
 from hiwin_jax.data import layout as Lay
+from tests.reference import layout as layout_ref
 
 GRIDS = [None, (1, 2), (2, 1), (2, 2), (3, 2), (1, 8), (9, 1), (4, 2)]
 
@@ -13,33 +14,12 @@ def ind_tokens(grid):
   return [Lay.NEWLINE_TOKEN if x == cols - 1 else 29892 for _ in range(rows) for x in range(cols)]
 
 
-def official_sequence(grid, ind, layout):
-  """The image span as a list of ('img', item, t) / ('tok', id), written from spec §5."""
-  q, n = 12, 144
-  if grid is None:
-    return [("img", 0, t) for t in range(n)]
-  cols, rows = grid
-  slices = cols * rows
-  out = []
-  if layout == "r1":
-    for gy in range(q * rows):
-      for gx in range(q * cols):
-        r, i, c, j = gy // q, gy % q, gx // q, gx % q
-        out.append(("img", r * cols + c, q * i + j))
-      out.append(("tok", 13))
-    out.append(("tok", ind[0]))
-  else:
-    for k in range(slices):
-      out += [("img", k, t) for t in range(n)] + [("tok", ind[k])]
-  return out + [("img", slices, t) for t in range(n)]
-
-
 @pytest.mark.parametrize("layout", Lay.LAYOUTS)
 @pytest.mark.parametrize("grid", GRIDS)
 def test_layout_matches_the_official_order_and_counts(grid, layout):
   ind = [] if grid is None else ind_tokens(grid)
   got = Lay.image_layout(grid, layout)
-  want = official_sequence(grid, ind, layout)
+  want = layout_ref.image_span(grid, ind, layout)
   assert len(got) == len(want)
   for k, item in enumerate(want):
     if item[0] == "img":

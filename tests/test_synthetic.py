@@ -10,7 +10,7 @@ from PIL import Image
 
 from hiwin_jax.data import conversation as conv
 from hiwin_jax.data import slicing
-from hiwin_jax.data import synthetic as S
+from hiwin_jax.data import synthetic
 from hiwin_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LlamaSpmTokenizer
 
 N_TRAIN, N_EVAL = 16, 8
@@ -18,12 +18,12 @@ N_TRAIN, N_EVAL = 16, 8
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-  return S.write_task(tmp_path_factory.mktemp("task"), N_TRAIN, N_EVAL, seed=3)
+  return synthetic.write_task(tmp_path_factory.mktemp("task"), N_TRAIN, N_EVAL, seed=3)
 
 
 @pytest.fixture(scope="module")
 def tok(task, tmp_path_factory):
-  return S.make_tokenizer(tmp_path_factory.mktemp("tok"), task.texts())
+  return synthetic.make_tokenizer(tmp_path_factory.mktemp("tok"), task.texts())
 
 
 def _files(folder: pathlib.Path) -> dict[str, bytes]:
@@ -45,12 +45,12 @@ def test_image_size_slices_into_two_exact_crops(task):
 
 
 def test_write_task_is_deterministic_for_a_seed(task, tmp_path):
-  again = S.write_task(tmp_path / "again", N_TRAIN, N_EVAL, seed=3)
+  again = synthetic.write_task(tmp_path / "again", N_TRAIN, N_EVAL, seed=3)
   assert _files(again.folder) == _files(task.folder)
-  other = S.write_task(tmp_path / "other", N_TRAIN, N_EVAL, seed=4)
+  other = synthetic.write_task(tmp_path / "other", N_TRAIN, N_EVAL, seed=4)
   assert _files(other.folder) != _files(task.folder)
   # held-out images come from their own stream: they do not depend on n_train
-  fewer = S.write_task(tmp_path / "fewer", 4, N_EVAL, seed=3)
+  fewer = synthetic.write_task(tmp_path / "fewer", 4, N_EVAL, seed=3)
   evals = {k: v for k, v in _files(task.folder).items() if k.startswith("images/eval_")}
   assert evals and evals == {k: v for k, v in _files(fewer.folder).items()
                              if k.startswith("images/eval_")}
@@ -65,17 +65,17 @@ def test_answers_are_balanced_across_classes(task):
     for question, answer in ((turns[0]["value"], turns[1]["value"]),
                              (turns[2]["value"], turns[3]["value"])):
       by_question[question.removeprefix("<image>\n")][answer] += 1
-  assert by_question[S.QUESTIONS["colour"]] == {c: N_TRAIN // 4 for c in S.COLOURS}
-  assert by_question[S.QUESTIONS["side"]] == {s: N_TRAIN // 2 for s in S.SIDES}
+  assert by_question[synthetic.QUESTIONS["colour"]] == {c: N_TRAIN // 4 for c in synthetic.COLOURS}
+  assert by_question[synthetic.QUESTIONS["side"]] == {s: N_TRAIN // 2 for s in synthetic.SIDES}
   marks = _load(task.marks_json)
   pairs = collections.Counter((m["colour"], m["side"]) for name, m in marks.items()
                               if name.startswith("train_"))
-  assert pairs == {(c, s): N_TRAIN // 8 for c in S.COLOURS for s in S.SIDES}
+  assert pairs == {(c, s): N_TRAIN // 8 for c in synthetic.COLOURS for s in synthetic.SIDES}
   evals = collections.Counter((r["category"], r["answer"]) for r in task.eval_records())
-  assert evals == {**{("colour", c): N_EVAL // 4 for c in S.COLOURS},
-                   **{("side", s): N_EVAL // 2 for s in S.SIDES}}
+  assert evals == {**{("colour", c): N_EVAL // 4 for c in synthetic.COLOURS},
+                   **{("side", s): N_EVAL // 2 for s in synthetic.SIDES}}
   for n in (5, 10, 13):
-    labels = S.balanced_labels(n, np.random.default_rng(0))
+    labels = synthetic.balanced_labels(n, np.random.default_rng(0))
     for counts in (collections.Counter(c for c, _ in labels),
                    collections.Counter(s for _, s in labels)):
       assert max(counts.values()) - min(counts.values()) <= 1, (n, counts)
@@ -94,11 +94,12 @@ def test_warmup_is_the_sft_text_with_a_true_caption_for_the_image(task):
     assert "<image>" not in first["value"]
     assert image_sample["conversations"][0]["value"] == "<image>\n" + question
     mark = marks[image_sample["image"]]
-    assert caption in {c.format(colour=mark["colour"], side=mark["side"]) for c in S.CAPTIONS}
+    assert caption in {c.format(colour=mark["colour"], side=mark["side"])
+                       for c in synthetic.CAPTIONS}
 
 
 def _check_mark(image: np.ndarray, mark: dict, where: str) -> None:
-  colour = np.asarray(S.COLOURS[mark["colour"]], np.uint8)
+  colour = np.asarray(synthetic.COLOURS[mark["colour"]], np.uint8)
   left, top, right, bottom = mark["box"]
   width = image.shape[1]
   assert 16 <= right - left <= 28 and right - left == bottom - top, where
@@ -119,10 +120,10 @@ def _check_mark(image: np.ndarray, mark: dict, where: str) -> None:
 @pytest.mark.parametrize("background", ["shapes", "photo"])
 def test_mark_is_in_the_image_at_the_recorded_place_and_colour(task, tmp_path, background):
   if background == "photo":
-    task = S.write_task(tmp_path, 4, 2, seed=0, background="photo")
+    task = synthetic.write_task(tmp_path, 4, 2, seed=0, background="photo")
   marks = _load(task.marks_json)
   assert len(marks) == task.n_train + task.n_eval
-  assert {m["shape"] for m in marks.values()} == set(S.SHAPES) or background == "photo"
+  assert {m["shape"] for m in marks.values()} == set(synthetic.SHAPES) or background == "photo"
   for name, mark in marks.items():
     with Image.open(task.image_folder / name) as image:
       _check_mark(np.asarray(image), mark, name)
@@ -149,7 +150,7 @@ def test_tokenizer_fits_the_tiny_vocab_and_keeps_llama_ids(tok, task):
 
 
 def test_tokenizer_training_is_deterministic(task, tok, tmp_path):
-  again = S.make_tokenizer(tmp_path, task.texts())
+  again = synthetic.make_tokenizer(tmp_path, task.texts())
   model = "tokenizer.model"
   assert (again.folder / model).read_bytes() == (tok.folder / model).read_bytes()
 
@@ -196,40 +197,40 @@ def test_eval_prompt_ends_at_the_assistant_colon(task, tok):
 
 def test_a_tokenizer_that_breaks_the_round_arithmetic_is_refused(task, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="' xylophone' is .* pieces"):
-    S.make_tokenizer(tmp_path / "a", task.texts(), single_token_words=["xylophone"])
+    synthetic.make_tokenizer(tmp_path / "a", task.texts(), single_token_words=["xylophone"])
   # Without the " USER" -> "</s>USER" rewrite the model learns "▁USER": later rounds mismatch.
-  monkeypatch.setattr(S, "_ROLE", "NOBODY")
+  monkeypatch.setattr(synthetic, "_ROLE", "NOBODY")
   with pytest.raises(ValueError, match="tokenization mismatch"):
-    S.make_tokenizer(tmp_path / "b", task.texts())
+    synthetic.make_tokenizer(tmp_path / "b", task.texts())
 
 
 def test_score_is_exact_match_after_normalising(task):
   records = task.eval_records()
   truth = {r["question_id"]: r["answer"] for r in records}
-  perfect = S.score(truth, records)
+  perfect = synthetic.score(truth, records)
   assert perfect["accuracy"] == 1.0 and perfect["n"] == 2 * N_EVAL
   assert perfect["chance"] == pytest.approx((1 / 4 + 1 / 2) / 2)
   assert perfect["per_category"]["colour"]["chance"] == 0.25
   shouty = {k: f"  {v.upper()}. " for k, v in truth.items()}
-  assert S.score(shouty, task.eval_jsonl)["accuracy"] == 1.0
+  assert synthetic.score(shouty, task.eval_jsonl)["accuracy"] == 1.0
   flip = {"left": "right", "right": "left"}
   wrong = [flip[r["answer"]] if r["category"] == "side" else r["answer"] for r in records]
-  result = S.score(wrong, records)
+  result = synthetic.score(wrong, records)
   assert result["per_category"]["side"]["accuracy"] == 0.0
   assert result["per_category"]["colour"]["accuracy"] == 1.0 and result["accuracy"] == 0.5
-  assert S.score(["red is it"] * len(records), records)["accuracy"] == 0.0
+  assert synthetic.score(["red is it"] * len(records), records)["accuracy"] == 0.0
   with pytest.raises(ValueError, match="no prediction"):
-    S.score({}, records)
+    synthetic.score({}, records)
   with pytest.raises(ValueError, match="predictions for"):
-    S.score(["red"], records)
+    synthetic.score(["red"], records)
 
 
 def test_bad_arguments_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match="too small for marks"):
-    S.write_task(tmp_path, 1, 1, 0, image_size=(40, 40))
+    synthetic.write_task(tmp_path, 1, 1, 0, image_size=(40, 40))
   with pytest.raises(ValueError, match="background must be"):
-    S.write_task(tmp_path, 1, 1, 0, background="plaid")
+    synthetic.write_task(tmp_path, 1, 1, 0, background="plaid")
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"question_id": 1, "text": "x", "answer": "red"}\n{oops\n')
   with pytest.raises(ValueError, match="bad.jsonl:2"):
-    S.read_eval_records(bad)
+    synthetic.read_eval_records(bad)

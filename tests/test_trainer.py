@@ -13,7 +13,7 @@ from hiwin_jax.data import buckets as B
 from hiwin_jax.data import layout as LY
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.train import trainer as T
-from numerics import max_rel_err
+from tests.numerics import max_rel_err
 
 SEQ = 192
 
