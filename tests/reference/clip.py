@@ -1,5 +1,7 @@
-"""CLIP ViT-L/14-336 features at any patch grid (official-spec §2.2), in PyTorch, run on the
-modules of a transformers `CLIPVisionModel` (whose own embeddings accept only the trained grid)."""
+"""CLIP ViT-L/14-336 features at any patch grid (official-spec §2.2), in PyTorch, on a
+transformers `CLIPVisionModel`: `vit_features` restates the spec on the model's modules (its own
+embeddings accept only the trained grid) and runs only the layers used; `hf_features` is the
+model's own forward, as the official code calls it."""
 
 from __future__ import annotations
 
@@ -30,3 +32,11 @@ def vit_features(model, pixels: torch.Tensor, num_layers: int) -> torch.Tensor:
     x = layer(x, None)
     x = x[0] if isinstance(x, tuple) else x
   return x[:, 1:]
+
+
+def hf_features(model, pixels: torch.Tensor, layer: int = -2) -> torch.Tensor:
+  """transformers' own forward as `CLIPVisionTower.feature_select` uses it: every layer runs,
+  hidden_states[layer] without CLS; the position table bicubic-interpolated for other grids.
+  pixels (B, 3, 14h, 14w) -> (B, h*w, C)."""
+  out = model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True)
+  return out.hidden_states[layer][:, 1:]
