@@ -193,12 +193,6 @@ def torch_items(host: dict, patch: int, tokens_per_item: int):
   return groups, torch.from_numpy(index), slots
 
 
-def _rel_err(a, b) -> float:
-  import numpy as np
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 def run_torch(args, batch: int) -> dict:
   import jax
   import jax.numpy as jnp
@@ -210,9 +204,11 @@ def run_torch(args, batch: int) -> dict:
   from ckpt_convert import core, hf_llama
   from hiwin_jax import config as C
   from hiwin_jax.infer import generate as G
+  from tests.numerics import max_rel_err
   from tests.reference import clip as clip_ref
   from tests.reference.hiwin import Hiwin
   from tests.reference.llava_uhd import item_features
+  rel_err = lambda a, b: max_rel_err(a, b)[0]
   torch.set_num_threads(os.cpu_count())
   cfg, model, host = build(args.config, batch, args.prompt_tokens)
   if not np.all(host["attention_mask"]):
@@ -306,7 +302,7 @@ def run_torch(args, batch: int) -> dict:
   by_grid, first = {}, 0
   for g in groups:
     k = f"{g.shape[-2] // patch}x{g.shape[-1] // patch}"
-    by_grid[k] = _rel_err(image[first:first + len(g)], jax_image[first:first + len(g)])
+    by_grid[k] = rel_err(image[first:first + len(g)], jax_image[first:first + len(g)])
     first += len(g)
 
   with torch.inference_mode():
@@ -315,10 +311,10 @@ def run_torch(args, batch: int) -> dict:
     full = measure(generate, args.repeats)
   return {"seconds": pre["seconds"], "peak_mb": full["peak_mb"], "generate_s": full["seconds"],
           "decode_s": dec["seconds"], "decode_tok_s": batch * n / dec["seconds"],
-          "seq_len": int(s), "image_rel_err": _rel_err(image, jax_image),
+          "seq_len": int(s), "image_rel_err": rel_err(image, jax_image),
           "image_rel_err_by_grid": by_grid,
-          "image_rel_err_unrounded_edges": _rel_err(image_unrounded, jax_image),
-          "logits_rel_err": _rel_err(logits, jax_logits),
+          "image_rel_err_unrounded_edges": rel_err(image_unrounded, jax_image),
+          "logits_rel_err": rel_err(logits, jax_logits),
           "decode_matches_generate": bool(np.array_equal(decoded[:, :n], generated)),
           "tokens_row0": decoded[0].tolist()}
 
