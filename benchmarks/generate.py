@@ -165,7 +165,8 @@ def torch_vision(cfg, params: dict):
 
 
 def torch_items(host: dict, patch: int, tokens_per_item: int):
-  """The batch's items as `torch_item_features` takes them, and where their tokens go.
+  """The batch's items as `tests.reference.llava_uhd.item_features` takes them, and where their
+  tokens go.
 
   -> (groups: one NCHW tensor per patch grid of all items with that grid, in bucket-slot order;
       index [B, S] int64: each position's row in the flattened torch image tokens, -1 for text;
