@@ -1,10 +1,10 @@
 """Generation speed: prefill of one 1008x672 image + prompt, and greedy decode tokens/s, at batch
 1 and 8; JAX (`hiwin_jax.infer.generate`) vs PyTorch (transformers' CLIPVisionModel + the
-PyTorch JBU/Hiwin of benchmarks/vision_path.py + transformers' `LlamaForCausalLM`).
+PyTorch JBU/Hiwin references of tests/reference/ + transformers' `LlamaForCausalLM`).
 
-  python benchmarks/generate.py                       # tiny config, all cases, a table
-  python benchmarks/generate.py --only jax_b1 --repeats 3
-  python benchmarks/generate.py --config vicuna7b --only jax_b1 --hbm-gbps 3350   # on a GPU
+  python -m benchmarks.generate                       # tiny config, all cases, a table
+  python -m benchmarks.generate --only jax_b1 --repeats 3
+  python -m benchmarks.generate --config vicuna7b --only jax_b1 --hbm-gbps 3350   # on a GPU
 
 Workload: a random 1008x672 RGB image through the eval slicer (max_slice_nums 9, no pre-resize:
 3x2 slices of 336x336 + a 406x266 overview), `--prompt-tokens` random text ids around the
@@ -18,11 +18,11 @@ see harness.py):
   prefill (`seconds`)  the whole prompt, vision included, up to a filled KV cache:
       jax    the jitted `generate.prefill` (ViT -> JBU -> Hiwin -> splice -> LLM forward over the
              prompt, returning the last logits and the filled cache).
-      torch  `vision_path.torch_item_features` on the batch's items (items of the same patch grid
-             batched together, all rows of the batch at once: CLIPVisionModel layer -2 -> JBU 2x,
-             4x -> Hiwin) + the splice of those tokens into the text embeddings at the image
-             positions (`embed_tokens` + a gather) + one `LlamaForCausalLM` forward over the
-             prompt with `use_cache=True` (eager attention).
+      torch  `tests.reference.llava_uhd.item_features` on the batch's items (items of the same
+             patch grid batched together, all rows of the batch at once: CLIPVisionModel layer -2
+             -> JBU 2x, 4x -> Hiwin) + the splice of those tokens into the text embeddings at the
+             image positions (`embed_tokens` + a gather) + one `LlamaForCausalLM` forward over
+             the prompt with `use_cache=True` (eager attention).
   decode tok/s         B * N / (time of N single-token LLM steps from a prefilled cache); the
              prefill is run untimed before every timed run.
       jax    the jitted `generate.decode` (the greedy loop of `generate`) with max_new_tokens
@@ -40,12 +40,13 @@ see harness.py):
              also holds the JAX model, the source of its weights).
 Checks, once, untimed. Torch cases: max |torch - jax| / max |jax| of the PyTorch image tokens
 against the JAX ones (`LlavaUHD.encode_images`; overall and per item patch grid) and of the
-prefill's last-position logits against JAX's `prefill`. hiwin_jax rounds the Hiwin window boxes'
-edges k * side / 12 to bfloat16 (`roi_align.window_edges`) where vision_path's PyTorch Hiwin keeps
-them unrounded; that moves the RoIAlign samples of maps whose side 12 does not divide (the 19x29
-overview: ~1e-2) and nothing else, so the image tokens are also compared with JAX traced with
-unrounded edges (~1e-6: the same computation). Every case: the first N tokens of the decode loop
-equal its `generate` tokens; the parent compares JAX's and PyTorch's tokens of row 0 per batch.
+prefill's last-position logits against JAX's `prefill`. Both round the Hiwin window boxes' edges
+k * side / 12 to bfloat16, as the official code does (official-spec §4.4); the image tokens of the
+PyTorch Hiwin with unrounded edges (`Hiwin(bf16_window_edges=False)`) are compared too, to show
+what the rounding moves (the RoIAlign samples of maps whose side 12 does not divide: the 19x29
+overview, ~1e-2) against the agreement of the same computation (~1e-6). Every case: the first N
+tokens of the decode loop equal its `generate` tokens; the parent compares JAX's and PyTorch's
+tokens of row 0 per batch.
 With `--config vicuna7b` the JAX cases also print the decode bound of reading every LLM parameter
 once per step from HBM: LLM bytes / bandwidth (`--hbm-gbps`) per step, and the achieved fraction.
 """
@@ -54,12 +55,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from unittest import mock
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import measure, print_table, report_child, run_children
+from benchmarks.harness import measure, print_table, report_child, run_children
 
 IMAGE_WH = (1008, 672)
 CASES = ["jax_b1", "jax_b8", "torch_b1", "torch_b8"]
@@ -127,26 +125,25 @@ def run_jax(args, batch: int) -> dict:
 
 
 def torch_vision(cfg, params: dict):
-  """(clip, jbu, hiwin): the PyTorch vision path of benchmarks/vision_path.py, built as its
-  `run_torch` builds it (transformers' CLIPVisionModel, benchmarks/jbu.py's `torch_jbu_stack
-  ("shift")`, `vision_path.torch_hiwin`), carrying our weights `params` (`core.model_params`)
-  through ckpt_convert's key tables, in eval mode, no grad."""
+  """(clip, jbu, hiwin): transformers' CLIPVisionModel and the references
+  `tests.reference.jbu.JBU4xStack(conv="shift")` and `tests.reference.hiwin.Hiwin`, carrying our
+  weights `params` (`core.model_params`) through ckpt_convert's key tables, in eval mode, no
+  grad."""
   import numpy as np
   import torch
   import transformers
-  from torch import nn
 
-  import vision_path as V
   from ckpt_convert import core, hf_clip, vdim
   from ckpt_convert.llava_uhd import projector_table
   from hiwin_jax import config as C
-  from jbu import torch_jbu_stack
+  from tests.reference.hiwin import GRID, Hiwin
+  from tests.reference.jbu import JBU4xStack
   m = cfg.model
   proj = C.resolved_projector(m)
   if (proj.grid_size, proj.feature_scale_mask, proj.jbu_scale, m.vision.select_layer) != (
-      V.QUERY_GRID, 7, 4, -2):
-    raise ValueError("vision_path's PyTorch path is the 12x12-query, 1x/2x/4x, JBU 4x, layer -2 "
-                     f"model; config has {proj.grid_size}, mask {proj.feature_scale_mask}, "
+      GRID, 7, 4, -2):
+    raise ValueError("the PyTorch path is the 12x12-query, 1x/2x/4x, JBU 4x, layer -2 model; "
+                     f"config has {proj.grid_size}, mask {proj.feature_scale_mask}, "
                      f"{proj.jbu_scale}x, layer {m.vision.select_layer}")
 
   def tensors(table):
@@ -157,38 +154,19 @@ def torch_vision(cfg, params: dict):
   clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**hf_cfg))
   # transformers 5 names CLIPVisionModel's tensors without the `vision_model.` prefix.
   clip.load_state_dict(tensors(hf_clip.clip_table(m.vision, prefix="", ours_prefix="vision.")))
-
-  jbu = torch_jbu_stack("shift")
-  c = proj.kv_dim
-  if c != 1024:  # benchmarks/jbu.py builds its 4x fix-up for C = 1024 (as vision_path does)
-    jbu.fixup_proj = nn.Conv2d(c, c, 1)
-  # FeatUp's Sequentials have a Dropout2d at index 2 (index 0 of the stack's fixup_proj) that
-  # torch_jbu_stack leaves out.
-  jbu_state = {}
-  for k, v in tensors(vdim.jbu_table(proj.jbu_scale, prefix="", ours_prefix="jbu.")).items():
-    k = k.replace("range_proj.3.", "range_proj.2.").replace(".fixup_proj.3.", ".fixup_proj.2.")
-    jbu_state[k.replace("fixup_proj.1.", "fixup_proj.", 1) if k.startswith("fixup_proj.1.")
-              else k] = v
-  jbu.load_state_dict(jbu_state)
-
-  hiwin = V.torch_hiwin(c, proj.embed_dim, proj.num_heads)
+  jbu = JBU4xStack(proj.kv_dim, conv="shift")
+  jbu.load_state_dict(tensors(vdim.jbu_table(proj.jbu_scale, prefix="", ours_prefix="jbu.")))
+  hiwin = Hiwin(proj.kv_dim, proj.embed_dim, proj.num_heads)
   official = tensors(projector_table(prefix="", ours="projector."))
-  own = hiwin.state_dict()
-  hiwin_state = {k: v for k, v in official.items() if k in own}
-  hiwin_state["queries"] = torch.stack([official[f"query_{k}"]
-                                        for k in range(1, len(hiwin.queries) + 1)])
-  for s in V.SCALES:
-    hiwin_state[f"level_embed.{s}x"] = official[f"feature_{s}x_embedding"]
-    for p in ("weight", "bias"):
-      hiwin_state[f"level_proj.{s}x.{p}"] = official[f"features_{s}x_projector.{p}"]
-  hiwin.load_state_dict(hiwin_state)
+  hiwin.load_state_dict({k: v for k, v in official.items() if k in hiwin.state_dict()})
   for module in (clip, jbu, hiwin):
     module.eval().requires_grad_(False)
   return clip, jbu, hiwin
 
 
 def torch_items(host: dict, patch: int, tokens_per_item: int):
-  """The batch's items as `torch_item_features` takes them, and where their tokens go.
+  """The batch's items as `tests.reference.llava_uhd.item_features` takes them, and where their
+  tokens go.
 
   -> (groups: one NCHW tensor per patch grid of all items with that grid, in bucket-slot order;
       index [B, S] int64: each position's row in the flattened torch image tokens, -1 for text;
@@ -216,19 +194,6 @@ def torch_items(host: dict, patch: int, tokens_per_item: int):
   return groups, torch.from_numpy(index), slots
 
 
-def _unrounded_window_edges(length, grid: int = 12):
-  """`roi_align.window_edges` without its bfloat16 rounding: k * length / grid in float32."""
-  import jax.numpy as jnp
-  k = jnp.arange(grid + 1, dtype=jnp.int32)
-  return (k * jnp.asarray(length, jnp.int32)).astype(jnp.float32) / jnp.float32(grid)
-
-
-def _rel_err(a, b) -> float:
-  import numpy as np
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 def run_torch(args, batch: int) -> dict:
   import jax
   import jax.numpy as jnp
@@ -240,8 +205,11 @@ def run_torch(args, batch: int) -> dict:
   from ckpt_convert import core, hf_llama
   from hiwin_jax import config as C
   from hiwin_jax.infer import generate as G
-  from hiwin_jax.models import roi_align
-  from vision_path import torch_item_features
+  from tests.numerics import max_rel_err
+  from tests.reference import clip as clip_ref
+  from tests.reference.hiwin import Hiwin
+  from tests.reference.llava_uhd import item_features
+  rel_err = lambda a, b: max_rel_err(a, b)[0]
   torch.set_num_threads(os.cpu_count())
   cfg, model, host = build(args.config, batch, args.prompt_tokens)
   if not np.all(host["attention_mask"]):
@@ -259,7 +227,8 @@ def run_torch(args, batch: int) -> dict:
   hf.config._attn_implementation = "eager"
   hf.requires_grad_(False)
 
-  grid = int(C.resolved_projector(cfg.model).grid_size)
+  proj = C.resolved_projector(cfg.model)
+  grid = int(proj.grid_size)
   patch = int(cfg.model.vision.patch_size)
   groups, index, slots = torch_items(host, patch, grid * grid)
   is_image = (index >= 0)[..., None]
@@ -274,8 +243,10 @@ def run_torch(args, batch: int) -> dict:
     text = hf.model.embed_tokens(ids)
     return torch.where(is_image, image.reshape(-1, image.shape[-1])[gather], text)
 
+  vit = lambda px: clip_ref.hf_features(clip, px)
+
   def embeds():
-    return splice(torch_item_features(clip, jbu, hiwin, groups))
+    return splice(item_features(vit, jbu, hiwin, groups))
 
   def prefill():
     return hf(inputs_embeds=embeds(), attention_mask=mask, use_cache=True)
@@ -288,7 +259,7 @@ def run_torch(args, batch: int) -> dict:
     return llm_generate(embeds())
 
   with torch.inference_mode():
-    image = torch_item_features(clip, jbu, hiwin, groups)
+    image = item_features(vit, jbu, hiwin, groups)
     x = splice(image)  # fixed input of the untimed prefills that start each decode run
 
   def prefilled():
@@ -315,28 +286,24 @@ def run_torch(args, batch: int) -> dict:
     m = nnx.merge(graphdef, st)
     return m.encode_images(b["buckets"]), G.prefill(m, b, s + 1)[0]
 
-  def encode(st, buckets):
-    return nnx.merge(graphdef, st).encode_images(buckets)
-
   jax_image, jax_logits = map(np.asarray, jax.jit(reference)(jstate, data))
-  # hiwin_jax rounds the Hiwin window boxes' edges k * side / 12 to bfloat16
-  # (`roi_align.window_edges`); vision_path's torch Hiwin takes them unrounded. Where 12 does not
-  # divide a level's side (the 19x29 overview) the sample points move; the JAX tokens traced with
-  # unrounded edges show that this is the only difference (the work is the same).
-  with mock.patch.object(roi_align, "window_edges", _unrounded_window_edges):
-    jax_unrounded = np.asarray(jax.jit(encode)(jstate, data["buckets"]))
+  # The same Hiwin weights with the window edges left unrounded: what the bf16 rounding moves.
+  unrounded = Hiwin(proj.kv_dim, proj.embed_dim, proj.num_heads, bf16_window_edges=False)
+  unrounded.load_state_dict(hiwin.state_dict())
+  unrounded.eval()
   with torch.inference_mode():
     image = image.numpy()
+    image_unrounded = item_features(vit, jbu, unrounded, groups).numpy()
     start = prefilled()
     logits = start[0].numpy()
     decoded = decode(start).numpy()
     generated = llm_generate(x).numpy()
   per_item = lambda a: a.reshape(-1, grid * grid, a.shape[-1])[slots]
-  jax_image, jax_unrounded = per_item(jax_image), per_item(jax_unrounded)
+  jax_image = per_item(jax_image)
   by_grid, first = {}, 0
   for g in groups:
     k = f"{g.shape[-2] // patch}x{g.shape[-1] // patch}"
-    by_grid[k] = _rel_err(image[first:first + len(g)], jax_image[first:first + len(g)])
+    by_grid[k] = rel_err(image[first:first + len(g)], jax_image[first:first + len(g)])
     first += len(g)
 
   with torch.inference_mode():
@@ -345,10 +312,10 @@ def run_torch(args, batch: int) -> dict:
     full = measure(generate, args.repeats)
   return {"seconds": pre["seconds"], "peak_mb": full["peak_mb"], "generate_s": full["seconds"],
           "decode_s": dec["seconds"], "decode_tok_s": batch * n / dec["seconds"],
-          "seq_len": int(s), "image_rel_err": _rel_err(image, jax_image),
+          "seq_len": int(s), "image_rel_err": rel_err(image, jax_image),
           "image_rel_err_by_grid": by_grid,
-          "image_rel_err_unrounded_boxes": _rel_err(image, jax_unrounded),
-          "logits_rel_err": _rel_err(logits, jax_logits),
+          "image_rel_err_unrounded_edges": rel_err(image_unrounded, jax_image),
+          "logits_rel_err": rel_err(logits, jax_logits),
           "decode_matches_generate": bool(np.array_equal(decoded[:, :n], generated)),
           "tokens_row0": decoded[0].tolist()}
 
@@ -373,7 +340,7 @@ def main() -> None:
   extra = ["--config", args.config, "--repeats", str(args.repeats), "--new-tokens",
            str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--hbm-gbps",
            str(args.hbm_gbps)]
-  rows = run_children(os.path.abspath(__file__), names, extra)
+  rows = run_children(__spec__.name, names, extra)
   n = args.new_tokens
   print(f"config {args.config}; 1008x672 image + {args.prompt_tokens} prompt tokens; N = {n}; "
         f"'seconds' = prefill incl. vision; decode = N single-token steps from a prefilled "
@@ -394,8 +361,8 @@ def main() -> None:
       grids = ", ".join(f"{k} {v:.1e}" for k, v in r["image_rel_err_by_grid"].items())
       print(f"{'':<10} vs JAX (max |torch - jax| / max |jax|): image tokens "
             f"{r['image_rel_err']:.1e} (by item grid: {grids}; "
-            f"{r['image_rel_err_unrounded_boxes']:.1e} against JAX with unrounded Hiwin window "
-            f"boxes), prefill last logits {r['logits_rel_err']:.1e}")
+            f"{r['image_rel_err_unrounded_edges']:.1e} with the PyTorch Hiwin's window edges "
+            f"unrounded), prefill last logits {r['logits_rel_err']:.1e}")
   for b in (1, 8):
     jx, pt = rows.get(f"jax_b{b}", {}), rows.get(f"torch_b{b}", {})
     if jx.get("tokens_row0") and pt.get("tokens_row0"):

@@ -44,12 +44,13 @@ def report_child(name: str, result: dict) -> None:
   print(json.dumps({"name": name, **result}))
 
 
-def run_children(script: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:
-  """Runs each case in a fresh process (its own peak memory; nothing cached between cases)."""
+def run_children(module: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:
+  """Runs each case as `python -m <module> --child --only <name> ...` in a fresh process (its own
+  peak memory; nothing cached between cases), from the current directory (the repository root)."""
   rows = {}
   for name in names:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, script, "--child", "--only", name, *extra_args],
+    out = subprocess.run([sys.executable, "-m", module, "--child", "--only", name, *extra_args],
                          capture_output=True, text=True, env=env)
     if out.returncode:
       rows[name] = {"name": name, "seconds": None, "peak_mb": None,

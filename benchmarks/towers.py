@@ -1,7 +1,7 @@
 """Forward time and peak memory of the two towers, JAX vs transformers (PyTorch), on this machine.
 
-  python benchmarks/towers.py            # all four runs, each in its own process, then a table
-  python benchmarks/towers.py --only clip-jax --repeats 3
+  python -m benchmarks.towers            # all four runs, each in its own process, then a table
+  python -m benchmarks.towers --only clip-jax --repeats 3
 
 Workloads (fp32, random weights, inference, no gradients):
   clip: CLIP-ViT-L/14-336 (24 layers, width 1024) on 7 slices of 336x336, output of layer 23
@@ -16,11 +16,8 @@ framework itself; set-up transients before the warm-up are excluded).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import measure, print_table, report_child, run_children  # noqa: E402
+from benchmarks.harness import measure, print_table, report_child, run_children
 
 LLM = dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
            head_dim=64, mlp_dim=5632)
@@ -83,7 +80,7 @@ def main():
     which, impl = args.only.split("-")
     return report_child(args.only, (run_jax if impl == "jax" else run_torch)(which, args.repeats))
   names = [args.only] if args.only else ["clip-jax", "clip-torch", "llm-jax", "llm-torch"]
-  rows = run_children(__file__, names, ["--repeats", str(args.repeats)])
+  rows = run_children(__spec__.name, names, ["--repeats", str(args.repeats)])
   print_table(rows, args.repeats)
   for which in ("clip", "llm"):
     jax_s = rows.get(f"{which}-jax", {}).get("seconds")

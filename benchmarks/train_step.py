@@ -1,11 +1,11 @@
 """The stage-2 train step (LLM + ViT + projector train, the JBU frozen), JAX vs PyTorch: tokens/s,
 step time, MFU and peak memory, on this machine's CPU (or, later, one GPU).
 
-  python benchmarks/train_step.py                       # CPU: peak, tiny and 1b, JAX and PyTorch
-  python benchmarks/train_step.py --only 1b-jax --repeats 3
-  python benchmarks/train_step.py --sizes tiny --repeats 5
-  python benchmarks/train_step.py --device gpu          # one GPU, bf16 (see "GPU" below)
-  python benchmarks/train_step.py --device gpu --dry-run  # print what it would measure
+  python -m benchmarks.train_step                       # CPU: peak, tiny and 1b, JAX and PyTorch
+  python -m benchmarks.train_step --only 1b-jax --repeats 3
+  python -m benchmarks.train_step --sizes tiny --repeats 5
+  python -m benchmarks.train_step --device gpu          # one GPU, bf16 (see "GPU" below)
+  python -m benchmarks.train_step --device gpu --dry-run  # print what it would measure
 
 Batch (both sides, both sizes): 1 micro-batch of 2 samples, sequence 512 (right-padded): a random
 672x336 image (2 slices of 336x336 + a 462x224 overview, R1 layout: 445 image tokens) and a
@@ -34,10 +34,11 @@ through the frozen JBU into the ViT.
   jax    `hiwin_jax.train.trainer.Trainer(cfg, total_steps=...)`: `init_state()`,
          `device_batch(host)` once, then the jitted `step(state, batch)` (state donated).
   torch  transformers `CLIPVisionModel` (all layers, `hidden_states[-2][:, 1:]`, bicubic position
-         interpolation for the overviews; default sdpa attention), the JBU 4x stack of
-         benchmarks/jbu.py (`torch_jbu_stack("shift")`), the Hiwin of benchmarks/vision_path.py
-         (`torch_hiwin`: nn.MultiheadAttention per query set, as the official code), items with
-         the same shape batched together (the 4 slices, then each overview); the image tokens
+         interpolation for the overviews; default sdpa attention), the JBU 4x stack and the
+         Hiwin of tests/reference/ (`jbu.JBU4xStack(conv="shift")`, `hiwin.Hiwin`:
+         nn.MultiheadAttention per query set, as the official code), composed by
+         `llava_uhd.item_features`, items with the same shape batched together (the 4 slices,
+         then each overview); the image tokens
          scattered into `LlamaForCausalLM.model.embed_tokens(input_ids)` at the same positions
          as ours (`inputs_embeds`, default sdpa attention, attention_mask); `torch.optim.AdamW`
          (foreach) after `clip_grad_norm_`. Same shapes as ours, independent random weights.
@@ -73,8 +74,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import machine, measure, report_child, run_children  # noqa: E402
+from benchmarks.harness import machine, measure, report_child, run_children
 
 SEQ_LEN = 512
 IMAGES_WH = ((672, 336), (336, 672))
@@ -205,10 +205,10 @@ def run_jax(size, device, llm_layers, repeats, remat):
 def torch_model(cfg):
   """(clip, jbu, hiwin, llama) with the stage-2 trainable set; random weights."""
   import transformers
-  from torch import nn
-  from jbu import torch_jbu_stack
-  from vision_path import torch_hiwin
+
   from hiwin_jax import config as C
+  from tests.reference.hiwin import Hiwin
+  from tests.reference.jbu import JBU4xStack
   v, m = cfg.model.vision, cfg.model.llm
   proj = C.resolved_projector(cfg.model)
   assert proj.feature_scale_mask == 7 and v.select_layer == -2
@@ -216,9 +216,8 @@ def torch_model(cfg):
       hidden_size=v.hidden_size, intermediate_size=v.mlp_dim, num_hidden_layers=v.num_layers,
       num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
       hidden_act="quick_gelu", layer_norm_eps=v.layer_norm_eps))
-  jbu = torch_jbu_stack("shift")
-  jbu.fixup_proj = nn.Conv2d(v.hidden_size, v.hidden_size, 1)  # jbu.py builds it for C = 1024
-  hiwin = torch_hiwin(proj.kv_dim, proj.embed_dim, proj.num_heads)
+  jbu = JBU4xStack(v.hidden_size, conv="shift")
+  hiwin = Hiwin(proj.kv_dim, proj.embed_dim, proj.num_heads)
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_dim,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
@@ -236,9 +235,10 @@ def torch_model(cfg):
 def run_torch(size, device, llm_layers, repeats, remat):
   import numpy as np
   import torch
-  from torch import nn
-  from vision_path import torch_item_features
-  F = nn.functional
+  from torch.nn import functional as F
+
+  from tests.reference import clip as clip_ref
+  from tests.reference.llava_uhd import item_features
   torch.manual_seed(0)
   dev = "cuda" if device == "gpu" else "cpu"
   cfg = make_config(size, device, llm_layers)
@@ -273,7 +273,8 @@ def run_torch(size, device, llm_layers, repeats, remat):
               else torch.autocast("cpu", enabled=False))
 
   def forward_loss():
-    feats = torch_item_features(clip, jbu, hiwin, [px for px, _ in group_px])[order]
+    feats = item_features(lambda px: clip_ref.hf_features(clip, px), jbu, hiwin,
+                          [px for px, _ in group_px])[order]
     flat = feats.reshape(-1, feats.shape[-1])
     text = llama.model.embed_tokens(ids)
     embeds = torch.where((tok >= 0)[..., None], flat[tok.clamp(min=0)].to(text.dtype), text)
@@ -402,7 +403,7 @@ def main():
   rows, loads = {}, {}
   for name in names:  # one at a time, so the load average next to each row is its own
     before = os.getloadavg()[0]
-    rows.update(run_children(__file__, [name], extra))
+    rows.update(run_children(__spec__.name, [name], extra))
     loads[name] = (before, os.getloadavg()[0])
 
   peaks = [r["flops_per_s"] for n, r in rows.items() if n.startswith("peak") and r.get("seconds")]

@@ -1,9 +1,9 @@
 """The LLaVA-UHD v2 vision path at real size on one 1008x672 image: JAX (`LlavaUHD.encode_images`)
 vs a PyTorch implementation that runs it item by item as the official code does.
 
-  python benchmarks/vision_path.py                 # both cases, each in its own process, a table
-  python benchmarks/vision_path.py --only jax --repeats 3
-  python benchmarks/vision_path.py --small         # reduced widths and depth, for debugging
+  python -m benchmarks.vision_path                 # both cases, each in its own process, a table
+  python -m benchmarks.vision_path --only jax --repeats 3
+  python -m benchmarks.vision_path --small         # reduced widths and depth, for debugging
 
 Workload (fp32, random weights, inference): a random 1008x672 RGB image through our slicer
 (`hiwin_jax.data.slicing.slice_image`, eval max_slice_nums=9, no pre-resize): 6 slices of 336x336
@@ -19,16 +19,17 @@ Cases:
          20x40 canvas (1 slot). The LLM is a 1-layer, 32-word stand-in (encode_images never
          touches it; projector width and heads are set explicitly to the 7B values). One jitted
          program, compiled ahead of the timed runs (compile time reported separately).
-  torch  The official computation in PyTorch: items with the same patch grid batched together
-         (the 6 slices as one group, the overview alone), per group: transformers'
-         `CLIPVisionModel` (all 24 layers, `hidden_states[-2][:, 1:]`, bicubic-resized position
-         embeddings via `interpolate_pos_encoding` for the 19x29 grid; default attention
-         implementation), the JBU 4x stack of `benchmarks/jbu.py` (`torch_jbu_stack("shift")`,
-         the memory-lean 49-shifted-slice adaptive conv; feat2x and feat4x with the fix-up),
-         and the Hiwin keys/values: per level Linear(1024->E) + LayerNorm + bicubic position
-         table + level embedding, RoIAlign on 12x12 windows (a vectorised, separable RoIAlign for
-         the regular window grid: torchvision's sampling rule and bilinear weights, unrounded
-         boxes); then all items' keys/values zero-padded to L_max with a key padding mask and one
+  torch  The official computation in PyTorch, from tests/reference/ (`llava_uhd.item_features`):
+         items with the same patch grid batched together (the 6 slices as one group, the
+         overview alone), per group: transformers' `CLIPVisionModel` (all 24 layers,
+         `hidden_states[-2][:, 1:]`, bicubic-resized position embeddings via
+         `interpolate_pos_encoding` for the 19x29 grid; default attention implementation;
+         `clip.hf_features`), the JBU 4x stack `jbu.JBU4xStack(conv="shift")` (the memory-lean
+         49-shifted-slice adaptive conv; feat2x and feat4x with the fix-up), and the Hiwin keys
+         and values of `hiwin.Hiwin`: per level Linear(1024->E) + LayerNorm + bicubic position
+         table + level embedding, RoIAlign on the 12x12 windows (torchvision's sampling rule on
+         the official bf16-rounded boxes, applied as two einsums with per-axis weights); then all
+         items' keys/values zero-padded to L_max with a key padding mask and one
          `nn.MultiheadAttention(E, 32)` (batch_first=False, need_weights left at True) called
          once per query set (4 calls, each re-projecting the keys and values, as the official
          `query_with_parallel_attn` does), ln_proj, cat_proj, ln_post, @ proj.
@@ -55,26 +56,21 @@ FLOPs (a multiply-add counts 2):
                 4 L S^2 d = q.k^T and probs.v over the full S x S score matrix, as eager
                 attention computes it (a causal kernel would do half).
   full inference = vision (JAX count) + LLM prefill, compared with the paper's 17.5 TFLOPs per
-                1008x672 image (LLaVA-UHD v2, as quoted in jax-practices.md §2.3). The few decoded
-                answer tokens (2 * P per token) are left out.
+                1008x672 image (the main comparison table of the LLaVA-UHD v2 paper,
+                arXiv:2412.13871). The few decoded answer tokens (2 * P per token) are left out.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import measure, print_table, report_child, run_children  # noqa: E402
+from benchmarks.harness import measure, print_table, report_child, run_children
 
 IMAGE_WH = (1008, 672)
 MAX_SLICE_NUMS = 9          # evaluation (spec §1.1); 7 at training gives the same 3x2 grid here
 PAPER_TFLOPS = 17.5
 CASES = ["jax", "torch"]
-QUERY_GRID, QUERY_SETS, SCALES = 12, 4, (1, 2, 4)  # feature_scale_mask 7 = levels 1x, 2x, 4x
 
 # Real dimensions and the reduced ones of --small (same image geometry, narrower and shallower).
 FULL = dict(vision_width=1024, vision_layers=24, vision_heads=16, vision_mlp=4096, embed=4096,
@@ -189,129 +185,15 @@ def run_jax(dims: dict, repeats: int) -> dict:
 
 # --- PyTorch ---------------------------------------------------------------------------------
 
-def torch_hiwin(kv_dim: int, embed: int, heads: int):
-  """The Hiwin projector (`AdaptSpatialResampler.forward_with_featup` minus the VDIM), spec §4,
-  NCHW feature maps in, [n_items, 144, E] out; random weights."""
-  import numpy as np
-  import torch
-  from torch import nn
-  F = nn.functional
-  g = QUERY_GRID
-
-  def pooling_size(height, width):
-    """`cal_best_pooling_size(W / H)` -> (oh, ow)."""
-    cands = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))  # (w, h), official order
-    err = [abs(math.log(width / height) - math.log(cw / ch)) for cw, ch in cands]
-    cw, ch = cands[err.index(min(err))]
-    return ch, cw
-
-  def axis_weights(length: int, out: int) -> torch.Tensor:
-    """RoIAlign weights along one axis for 12 equal windows on a map of `length` pixels:
-    A[r, p, y] = mean over the ceil(roi/out) samples of bin p of window r of their bilinear
-    weight on pixel y (torchvision, aligned=False, sampling_ratio=-1)."""
-    a = np.zeros((g, out, length), np.float32)
-    roi = max(length / g, 1.0)
-    bin_size, n = roi / out, math.ceil(roi / out)
-    for r in range(g):
-      for p in range(out):
-        for i in range(n):
-          y = r * length / g + p * bin_size + (i + 0.5) * bin_size / n
-          if y < -1 or y > length:
-            continue
-          y = max(y, 0.0)
-          lo = int(y)
-          if lo >= length - 1:
-            lo = hi = length - 1
-            y = float(lo)
-          else:
-            hi = lo + 1
-          a[r, p, lo] += (1 - (y - lo)) / n
-          a[r, p, hi] += (y - lo) / n
-    return torch.from_numpy(a)
-
-  def roi_align_windows(feat, oh, ow):
-    """feat (B, H, W, E) -> (B*144, oh*ow, E): RoIAlign of the 12x12 windows, rows then cols."""
-    b, hh, ww, e = feat.shape
-    rows = torch.einsum("rpy,byxe->brpxe", axis_weights(hh, oh), feat)
-    bins = torch.einsum("cqx,brpxe->brcpqe", axis_weights(ww, ow), rows)
-    return bins.reshape(b * g * g, oh * ow, e)
-
-  class Hiwin(nn.Module):
-    def __init__(self):
-      super().__init__()
-      e = embed
-      self.pos_embed = nn.Parameter(0.02 * torch.randn(g * g, e))
-      self.level_embed = nn.ParameterDict({f"{s}x": nn.Parameter(torch.zeros(1, 1, e))
-                                           for s in SCALES})
-      self.level_proj = nn.ModuleDict({f"{s}x": nn.Linear(kv_dim, e) for s in SCALES})
-      self.queries = nn.Parameter(0.02 * torch.randn(QUERY_SETS, g * g, e))
-      self.attn = nn.MultiheadAttention(e, heads)
-      self.ln_q, self.ln_kv, self.ln_proj, self.ln_post = (nn.LayerNorm(e, eps=1e-6)
-                                                           for _ in range(4))
-      self.cat_proj = nn.Linear(QUERY_SETS * e, e)
-      self.proj = nn.Parameter(e ** -0.5 * torch.randn(e, e))
-
-    def group_keys(self, levels):
-      """levels {s: (B, C, sh, sw)} of one group -> keys, values (B*144, L_g, E), levels in
-      order 1x, 2x, 4x along the sample axis."""
-      keys, values = [], []
-      for s, f in levels.items():
-        _, _, hh, ww = f.shape
-        x = self.ln_kv(self.level_proj[f"{s}x"](f.permute(0, 2, 3, 1)))          # (B, H, W, E)
-        pos = F.interpolate(self.pos_embed.reshape(1, g, g, -1).permute(0, 3, 1, 2),
-                            size=(hh, ww), mode="bicubic", align_corners=False)
-        key = x + pos[0].permute(1, 2, 0) + self.level_embed[f"{s}x"][0]
-        oh, ow = pooling_size(hh, ww)
-        keys.append(roi_align_windows(key, oh, ow))
-        values.append(roi_align_windows(x, oh, ow))
-      return torch.cat(keys, 1), torch.cat(values, 1)
-
-    def attend(self, keys, values):
-      """Per-group keys/values -> (n_items, 144, E): `compute_atten` over all items."""
-      l_max = max(k.shape[1] for k in keys)
-      pad = lambda a: F.pad(a, (0, 0, 0, l_max - a.shape[1]))
-      k_all = torch.cat([pad(k) for k in keys]).transpose(0, 1)                # (L, N*144, E)
-      v_all = torch.cat([pad(v) for v in values]).transpose(0, 1)
-      mask = torch.cat([torch.arange(l_max)[None, :].expand(k.shape[0], -1) >= k.shape[1]
-                        for k in keys])                                         # (N*144, L)
-      n = mask.shape[0] // (g * g)
-      outs = []
-      for query in self.queries:
-        q = (self.ln_q(query) + self.pos_embed).repeat(n, 1)                    # (N*144, E)
-        o, _ = self.attn(q[None], k_all, v_all, key_padding_mask=mask)
-        outs.append(self.ln_proj(o[0]))
-      z = self.ln_post(self.cat_proj(torch.cat(outs, -1))) @ self.proj
-      return z.reshape(n, g * g, -1)
-
-  return Hiwin()
-
-
-def torch_item_features(clip, jbu, hiwin, groups):
-  """The official-style PyTorch vision path: per shape group (NCHW pixels) CLIP layer -2 ->
-  JBU 2x, 4x + the 4x fix-up -> Hiwin keys/values, then one attention over every item ->
-  (items in group order, 144, E)."""
-  import torch.nn.functional as F
-  keys, values = [], []
-  for px in groups:
-    h, w = px.shape[-2] // 14, px.shape[-1] // 14
-    hidden = clip(pixel_values=px, output_hidden_states=True,
-                  interpolate_pos_encoding=True).hidden_states[-2][:, 1:]
-    f1 = hidden.transpose(1, 2).unflatten(2, (h, w))                            # (B, C, h, w)
-    f2 = jbu.up1(f1, F.adaptive_avg_pool2d(px, (2 * h, 2 * w)))
-    f4 = jbu.up2(f2, F.adaptive_avg_pool2d(px, (4 * h, 4 * w)))
-    f4 = f4 + 0.1 * jbu.fixup_proj(f4)
-    k, v = hiwin.group_keys({1: f1, 2: f2, 4: f4})
-    keys.append(k)
-    values.append(v)
-  return hiwin.attend(keys, values)
-
-
 def run_torch(dims: dict, repeats: int) -> dict:
   import torch
   import transformers
-  from torch import nn
   from torch.utils import flop_counter
-  from jbu import torch_jbu_stack
+
+  from tests.reference import clip as clip_ref
+  from tests.reference.hiwin import Hiwin
+  from tests.reference.jbu import JBU4xStack
+  from tests.reference.llava_uhd import item_features
 
   torch.manual_seed(0)
   c = dims["vision_width"]
@@ -319,11 +201,8 @@ def run_torch(dims: dict, repeats: int) -> dict:
       hidden_size=c, intermediate_size=dims["vision_mlp"], num_hidden_layers=dims["vision_layers"],
       num_attention_heads=dims["vision_heads"], image_size=336, patch_size=14,
       hidden_act="quick_gelu")).eval()
-  jbu = torch_jbu_stack("shift")
-  if c != 1024:  # benchmarks/jbu.py builds its 4x fix-up for C = 1024
-    jbu.fixup_proj = nn.Conv2d(c, c, 1)
-  jbu.eval()
-  hiwin = torch_hiwin(c, dims["embed"], dims["heads"]).eval()
+  jbu = JBU4xStack(c, conv="shift").eval()
+  hiwin = Hiwin(c, dims["embed"], dims["heads"]).eval()
   for model in (clip, jbu, hiwin):
     model.requires_grad_(False)  # inference (and FlopCounterMode hooks tensors needing grad)
 
@@ -337,7 +216,7 @@ def run_torch(dims: dict, repeats: int) -> dict:
       groups.append(t)
 
   def forward():
-    return torch_item_features(clip, jbu, hiwin, groups)
+    return item_features(lambda px: clip_ref.hf_features(clip, px), jbu, hiwin, groups)
 
   # The CPU flash-attention op that sdpa dispatches to has no formula in the counter.
   cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -396,7 +275,7 @@ def main():
         f"({plan.overview_patches[0]}x{plan.overview_patches[1]} patches); "
         f"{'REDUCED widths (--small): ' if args.small else ''}ViT width {dims['vision_width']}, "
         f"{dims['vision_layers']} layers; Hiwin E={dims['embed']}, {dims['heads']} heads; fp32")
-  rows = run_children(__file__, [args.only] if args.only else CASES,
+  rows = run_children(__spec__.name, [args.only] if args.only else CASES,
                       ["--repeats", str(args.repeats)] + (["--small"] if args.small else []))
   print_table(rows, args.repeats)
   jx, pt = rows.get("jax", {}), rows.get("torch", {})

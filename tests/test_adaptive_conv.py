@@ -1,6 +1,7 @@
-"""adaptive_conv (FeatUp AdaptiveConv, NHWC): xla reference vs an independent torch unfold
-reference, its explicit VJP vs autodiff and finite differences, the Pallas kernels (TPU and
-GPU, interpret mode) vs xla, the official-grad-bug flag, and shape validation."""
+"""adaptive_conv (FeatUp AdaptiveConv, NHWC): xla reference vs the independent torch unfold
+reference of tests/reference/jbu.py, its explicit VJP vs autodiff and finite differences, the
+Pallas kernels (TPU and GPU, interpret mode) vs xla, the official-grad-bug flag, and shape
+validation."""
 
 import functools
 
@@ -14,7 +15,7 @@ from hiwin_jax.kernels import adaptive_conv, adaptive_conv_sharded
 from hiwin_jax.kernels import adaptive_conv_pallas_gpu as kgpu
 from hiwin_jax.kernels import adaptive_conv_pallas_tpu as ktpu
 from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS
-from numerics import assert_close
+from tests.numerics import assert_close
 
 TOL = 1e-6
 
@@ -34,15 +35,12 @@ def _xla_case(b, h, w, c, seed=0):
   return (xpad, filters, g), _vjp(functools.partial(adaptive_conv, impl="xla"), xpad, filters, g)
 
 
-def _torch_unfold_reference(xpad, filters):
-  """out = sum_t F[..., t] * unfold(x)[..., t] with torch.nn.functional.unfold, in float64."""
-  torch = pytest.importorskip("torch")
-  x = torch.from_numpy(np.asarray(xpad, np.float64)).permute(0, 3, 1, 2)   # NCHW
-  bsz, c, hp, wp = x.shape
-  h, w = hp - 6, wp - 6
-  cols = torch.nn.functional.unfold(x, kernel_size=7).reshape(bsz, c, 49, h, w)
+def _torch_unfold_reference(torch, xpad, filters):
+  """FeatUp's unfold formulation (tests/reference/jbu.py `adaptive_conv`) in float64, NHWC."""
+  from tests.reference.jbu import adaptive_conv as reference
+  x = torch.from_numpy(np.asarray(xpad, np.float64)).permute(0, 3, 1, 2)    # NCHW
   f = torch.from_numpy(np.asarray(filters, np.float64)).permute(0, 3, 1, 2)  # [B, 49, H, W]
-  return (cols * f[:, None]).sum(2).permute(0, 2, 3, 1).numpy()
+  return reference(x, f, "unfold").permute(0, 2, 3, 1).numpy()
 
 
 def _naive_jnp(xpad, filters):
@@ -62,10 +60,10 @@ def _vjp(fn, xpad, filters, g):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("shape", [(2, 10, 7, 5), (1, 4, 80, 3)])
-def test_xla_forward_matches_torch_unfold_reference(shape):
+def test_xla_forward_matches_torch_unfold_reference(torch, shape):
   (xpad, filters, _), (out, _, _) = _xla_case(*shape)
   assert out.dtype == jnp.float32 and out.shape == shape
-  assert_close(out, _torch_unfold_reference(xpad, filters), TOL, f"xla forward {shape}")
+  assert_close(out, _torch_unfold_reference(torch, xpad, filters), TOL, f"xla forward {shape}")
 
 
 @pytest.mark.parametrize("shape", [(2, 10, 7, 5), (1, 4, 80, 3)])

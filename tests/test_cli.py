@@ -8,7 +8,8 @@ import pytest
 
 from ckpt_convert.safetensors_io import SafetensorsReader, write_sharded
 from hiwin_jax import cli
-from test_llava_convert import tiny_config_json, tiny_model_cfg, tiny_shapes
+from hiwin_jax.config import load_config
+from tests.reference.checkpoint import config_json, model_shapes
 
 
 @pytest.mark.parametrize("sub", ["demo", "convert", "train"])
@@ -20,14 +21,14 @@ def test_every_subcommand_has_help(sub, capsys):
 
 
 def test_official_checkpoint_round_trip_through_the_cli(tmp_path):
-  cfg = tiny_model_cfg()
+  cfg = load_config("tiny").model
   cfg.llm.num_kv_heads = cfg.llm.num_heads
   rng = np.random.default_rng(3)
   tensors = {k: rng.standard_normal(s).astype(ml_dtypes.bfloat16)
-             for k, s in sorted(tiny_shapes(cfg).items())}
+             for k, s in sorted(model_shapes(cfg).items())}
   src = tmp_path / "official"
   write_sharded(src, tensors.items())
-  (src / "config.json").write_text(json.dumps(tiny_config_json(cfg)))
+  (src / "config.json").write_text(json.dumps(config_json(cfg)))
   # The LLM geometry comes from config.json, the ViT geometry from --config.
   assert cli.main(["convert", "import", "--format", "llava-uhd", "--config", "tiny",
                    "--input", str(src), "--output", str(tmp_path / "ours")]) == 0

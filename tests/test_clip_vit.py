@@ -1,4 +1,5 @@
-"""ClipVisionTower against transformers' CLIPVisionModel and a spec §2.2 reference; conversion."""
+"""ClipVisionTower against transformers' CLIPVisionModel and the spec §2.2 reference of
+tests/reference/clip.py; conversion."""
 
 import functools
 import json
@@ -14,7 +15,7 @@ from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, writ
 from hiwin_jax import config as C
 from hiwin_jax.models.clip_vit import ClipVisionTower
 from hiwin_jax.models.layers import Precision
-from numerics import assert_close, max_rel_err
+from tests.numerics import assert_close, max_rel_err
 
 TOL = 1e-5
 HF_GEOMETRY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -72,11 +73,6 @@ def images(seed=0):
 
 
 @pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
 def hf(torch):
   """(HF CLIPVisionModel with random weights, its state_dict as numpy, our vision config)."""
   import transformers
@@ -112,29 +108,11 @@ def hf_features(torch, model, pixels_hwc, layer=-2):
 
 
 def reference_features(torch, model, pixels_hwc, num_layers):
-  """official-spec §2.2 for one image, on the HF model's modules (its embeddings only accept
-  the 24x24 grid): conv patches row-major, CLS, the position table bicubic-resized to (h, w)
-  unless 24x24, pre-LN, then the first `num_layers` encoder layers; CLS row dropped."""
-  import torch.nn.functional as F
-  vm = getattr(model, "vision_model", model)
-  emb = vm.embeddings
+  """tests/reference/clip.py's spec §2.2 features of one image [14h, 14w, 3] -> [1, h*w, C]."""
+  from tests.reference import clip as clip_ref
   with torch.no_grad():
-    patches = emb.patch_embedding(torch.from_numpy(pixels_hwc.transpose(2, 0, 1)[None].copy()))
-    _, c, h, w = patches.shape
-    table = emb.position_embedding.weight
-    g = round((table.shape[0] - 1) ** 0.5)
-    if (h, w) == (g, g):
-      pos = table
-    else:
-      grid = table[1:].reshape(1, g, g, c).permute(0, 3, 1, 2)
-      grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-      pos = torch.cat([table[:1], grid.reshape(c, h * w).T])
-    x = torch.cat([emb.class_embedding.reshape(1, 1, c), patches.flatten(2).transpose(1, 2)], 1)
-    x = vm.pre_layrnorm(x + pos[None])
-    for layer in vm.encoder.layers[:num_layers]:
-      x = layer(x, None)
-      x = x[0] if isinstance(x, tuple) else x
-  return x[:, 1:].numpy()
+    pixels = torch.from_numpy(pixels_hwc.transpose(2, 0, 1)[None].copy())
+    return clip_ref.vit_features(model, pixels, num_layers).numpy()
 
 
 # --- numerics ------------------------------------------------------------------------------------

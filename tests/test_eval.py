@@ -1,6 +1,7 @@
 """`hiwin eval` end to end on a tiny random model: images written here, errors recorded, resume."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -98,12 +99,8 @@ def test_official_prompt_text():
 
 
 def test_official_prompt_ids_with_the_vicuna_tokenizer():
-  import pathlib
-  folder = (pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
-            / "vicuna-tokenizer")
-  if not (folder / "tokenizer.model").is_file():
-    pytest.skip(f"no Vicuna tokenizer at {folder}")
   from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
+  folder = pathlib.Path(__file__).resolve().parent / "fixtures" / "vicuna-tokenizer"
   tok = LlamaSpmTokenizer(folder)
   ids = tok.tokenizer_image_token(requests.official_prompt("Hi", has_image=True))
   # text-side.md: "USER: <image>\n" -> 3148 1001 29901 29871 -200 29871 13; ends "ASSISTANT:".

@@ -130,8 +130,7 @@ def test_beam_search_equals_exhaustive_search_on_tiny_vocab():
 
 
 @pytest.mark.torch
-def test_beam_search_matches_transformers_generate():
-  torch = pytest.importorskip("torch")
+def test_beam_search_matches_transformers_generate(torch):
   transformers = pytest.importorskip("transformers")
   from ckpt_convert import core, formats, hf_llama
   torch.manual_seed(0)

@@ -1,11 +1,12 @@
-"""The Hiwin projector against a PyTorch re-derivation of official-spec §4, item by item.
+"""The Hiwin projector against the PyTorch re-derivation of official-spec §4 in
+tests/reference/hiwin.py, item by item.
 
 The reference takes every item at its exact size (no canvas): `nn.Linear` level projectors,
 LayerNorm(eps=1e-6), `F.interpolate` bicubic of the position table per level, the official window
-boxes (float64 -> float32 -> bf16) and sample grid, RoIAlign sample by sample as torchvision does
-it, zero-padding to L_max with a key_padding_mask, and `nn.MultiheadAttention` (batch_first=False,
-each query token its own batch element) loaded with our weights. The JAX side gets one padded
-canvas batch with mixed grids, random filler outside each item, and an empty slot.
+boxes (float64 -> float32 -> bf16) and sample grid, torchvision's RoIAlign sampling, zero-padding
+to L_max with a key_padding_mask, and `nn.MultiheadAttention` (batch_first=False, each query token
+its own batch element), loaded with our weights under the official names. The JAX side gets one
+padded canvas batch with mixed grids, random filler outside each item, and an empty slot.
 """
 
 import math
@@ -19,11 +20,11 @@ from flax import nnx
 
 from hiwin_jax.models.hiwin import HiwinProjector, sincos_pos_embed
 from hiwin_jax.models.layers import Precision
-from numerics import assert_close
-from test_roi_align import official_pooling_size, official_window_boxes
+from tests.numerics import assert_close
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+
+from tests.reference import hiwin as hiwin_ref  # noqa: E402  (after the torch skip)
 
 pytestmark = pytest.mark.torch
 
@@ -33,91 +34,6 @@ E, HEADS, KV = 64, 4, 16
 def config(mask, attention="folded"):
   return ml_collections.ConfigDict(dict(embed_dim=E, kv_dim=KV, num_heads=HEADS, grid_size=12,
                                         feature_scale_mask=mask, layout="r1", attention=attention))
-
-
-# --- the PyTorch reference ---------------------------------------------------------------------
-
-def torch_roi_align(feat, boxes, output_size):
-  """torchvision roi_align(aligned=False, sampling_ratio=-1): feat (H, W, C), boxes [K, 4]
-  float32 numpy -> (K, oh, ow, C). All boxes at once: each box's gh x gw samples per bin are the
-  first of a padded max(gh) x max(gw) grid, the rest masked out."""
-  oh, ow = output_size
-  h, w = feat.shape[:2]
-  x1, y1, x2, y2 = torch.from_numpy(boxes).T[..., None, None]                   # (K, 1, 1)
-  roi_w, roi_h = torch.clamp(x2 - x1, min=1.0), torch.clamp(y2 - y1, min=1.0)
-  bin_h, bin_w = roi_h / oh, roi_w / ow
-  gh, gw = torch.ceil(roi_h / oh), torch.ceil(roi_w / ow)                       # per box
-  iy = torch.arange(int(gh.max()))[None, None, :]
-  ix = torch.arange(int(gw.max()))[None, None, :]
-  ys = (y1 + torch.arange(oh)[None, :, None] * bin_h) + (iy + 0.5) * bin_h / gh  # (K, oh, Gh)
-  xs = (x1 + torch.arange(ow)[None, :, None] * bin_w) + (ix + 0.5) * bin_w / gw  # (K, ow, Gw)
-  shape = (len(boxes), oh, ow, ys.shape[-1], xs.shape[-1])
-  y, x = ys[:, :, None, :, None].expand(shape), xs[:, None, :, None, :].expand(shape)
-  used = (iy < gh)[:, :, None, :, None] & (ix < gw)[:, None, :, None, :]
-  inside = used & (y >= -1) & (y <= h) & (x >= -1) & (x <= w)
-  y, x = y.clamp(min=0), x.clamp(min=0)
-  y_low, x_low = y.floor().long(), x.floor().long()
-  y_end, x_end = y_low >= h - 1, x_low >= w - 1
-  y_low, x_low = torch.where(y_end, h - 1, y_low), torch.where(x_end, w - 1, x_low)
-  y_high, x_high = torch.where(y_end, h - 1, y_low + 1), torch.where(x_end, w - 1, x_low + 1)
-  y, x = torch.where(y_end, y_low.float(), y), torch.where(x_end, x_low.float(), x)
-  ly, lx = y - y_low, x - x_low
-  hy, hx = 1 - ly, 1 - lx
-  val = ((hy * hx)[..., None] * feat[y_low, x_low] + (hy * lx)[..., None] * feat[y_low, x_high]
-         + (ly * hx)[..., None] * feat[y_high, x_low] + (ly * lx)[..., None] * feat[y_high, x_high])
-  val = torch.where(inside[..., None], val, 0.0)
-  return val.sum((3, 4)) / (gh * gw)[..., None]
-
-
-def torch_hiwin(params, items, scales):
-  """params: our parameters as numpy (JAX layout); items: per item {s: (H_s, W_s, KV) tensor}
-  -> (n_items, 144, E). Follows spec §4.3-4.5 (fp32)."""
-  t = {k: torch.from_numpy(np.asarray(v)) for k, v in params.items()}
-  pos = t["pos_embed"]
-
-  def ln(x, name):
-    return F.layer_norm(x, (E,), t[f"{name}.scale"], t[f"{name}.bias"], eps=1e-6)
-
-  keys, values = [], []
-  for maps in items:
-    ks, vs = [], []
-    for s in scales:
-      f = maps[s]
-      h, w = f.shape[:2]
-      x = ln(F.linear(f, t[f"features_{s}x_projector.kernel"].T,
-                      t[f"features_{s}x_projector.bias"]), "ln_kv")
-      pos_k = F.interpolate(pos.reshape(1, 12, 12, E).permute(0, 3, 1, 2), size=(h, w),
-                            mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
-      key = x + pos_k + t[f"feature_{s}x_embedding"][0]
-      oh, ow = official_pooling_size(w / h)
-      samples = torch_roi_align(torch.cat([key, x], -1), official_window_boxes(h, w), (oh, ow))
-      samples = samples.reshape(144, oh * ow, 2 * E)
-      ks.append(samples[..., :E])
-      vs.append(samples[..., E:])
-    keys.append(torch.cat(ks, 1))
-    values.append(torch.cat(vs, 1))
-  l_max = max(k.shape[1] for k in keys)
-  pad = lambda a: F.pad(a, (0, 0, 0, l_max - a.shape[1]))
-  k_all = torch.cat([pad(k) for k in keys])                                    # (B, L, E)
-  v_all = torch.cat([pad(v) for v in values])
-  key_padding_mask = torch.cat([torch.arange(l_max)[None, :].expand(144, -1) >= k.shape[1]
-                                for k in keys])                                # (B, L)
-
-  mha = torch.nn.MultiheadAttention(E, HEADS)
-  with torch.no_grad():
-    mha.in_proj_weight.copy_(t["attn_in_proj.kernel"].T)
-    mha.in_proj_bias.copy_(t["attn_in_proj.bias"])
-    mha.out_proj.weight.copy_(t["attn_out_proj.kernel"].T)
-    mha.out_proj.bias.copy_(t["attn_out_proj.bias"])
-  outs = []
-  for k in range(1, 5):
-    q = (ln(t[f"query_{k}"], "ln_q") + pos).repeat(len(items), 1)             # (B, E)
-    o, _ = mha(q[None], k_all.transpose(0, 1), v_all.transpose(0, 1),
-               key_padding_mask=key_padding_mask)
-    outs.append(ln(o[0], "ln_proj"))
-  z = F.linear(torch.cat(outs, -1), t["cat_proj.kernel"].T, t["cat_proj.bias"])
-  z = ln(z, "ln_post") @ t["proj"]
-  return z.reshape(len(items), 144, E).detach().numpy()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -142,6 +58,30 @@ def randomised(model, seed):
   return flat
 
 
+# Our attention in/out projections -> `nn.MultiheadAttention`'s names (official-spec §8.2).
+_ATTN_NAMES = {"attn_in_proj.weight": "attn.in_proj_weight",
+               "attn_in_proj.bias": "attn.in_proj_bias",
+               "attn_out_proj.weight": "attn.out_proj.weight",
+               "attn_out_proj.bias": "attn.out_proj.bias"}
+
+
+def torch_hiwin(params, items, scales):
+  """Our parameters (numpy, JAX layout) under their official names (Linear kernels transposed to
+  (out, in), LayerNorm scale -> weight) in the reference; items: per item {s: (1, KV, H_s, W_s)}
+  -> (n_items, 144, E), each item its own group."""
+  official = {}
+  for name, value in params.items():
+    module, _, leaf = name.rpartition(".")
+    key = f"{module}.weight" if leaf in ("kernel", "scale") else name
+    official[_ATTN_NAMES.get(key, key)] = value.T if leaf == "kernel" else value
+  model = hiwin_ref.Hiwin(KV, E, HEADS, scales)
+  own = model.state_dict()
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official.items()
+                         if k in own})
+  with torch.no_grad():
+    return model([{s: item[s] for s in scales} for item in items]).numpy()
+
+
 GRIDS = [(13, 10), (5, 14), (11, 11), (3, 6), (0, 0)]
 CANVAS = (13, 14)
 
@@ -151,7 +91,8 @@ def canvas_batch(seed, scales):
   hc, wc = CANVAS
   levels = {s: rng.standard_normal((len(GRIDS), s * hc, s * wc, KV)).astype(np.float32)
             for s in scales}
-  items = [{s: torch.from_numpy(levels[s][n, :s * h, :s * w].copy()) for s in scales}
+  items = [{s: torch.from_numpy(levels[s][n, :s * h, :s * w].transpose(2, 0, 1)[None].copy())
+            for s in scales}
            for n, (h, w) in enumerate(GRIDS) if h]
   return levels, np.asarray(GRIDS, np.int32), items
 

@@ -1,7 +1,8 @@
-"""The JBU upsampler (VDIM) against an independent PyTorch re-derivation of official-spec §3.
+"""The JBU upsampler (VDIM) against the independent PyTorch re-derivation of official-spec §3 in
+tests/reference/jbu.py.
 
-The reference below is written from the spec in the FeatUp style (NCHW, `F.unfold` for the 49
-taps, `F.interpolate` bicubic, `F.adaptive_avg_pool2d`, `F.pad` reflect, exact GELU, the adaptive
+The reference is written from the spec in the FeatUp style (NCHW, `F.unfold` for the 49 taps,
+`F.interpolate` bicubic, `F.adaptive_avg_pool2d`, `F.pad` reflect, exact GELU, the adaptive
 convolution as an unfold einsum). Weights are random, official-layout tensors loaded through the
 converter, so the tests also pin the key mapping.
 """
@@ -17,57 +18,13 @@ from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS, adaptive_conv
 from hiwin_jax.models.jbu import JBUStack, dropout2d
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.resize import adaptive_avg_pool2d, reflect_pad, resize_bicubic
-from numerics import assert_close, max_rel_err
+from tests.numerics import assert_close, max_rel_err
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+
+from tests.reference import jbu as jbu_ref  # noqa: E402  (after the torch skip)
 
 pytestmark = pytest.mark.torch
-
-
-# --- the PyTorch reference (NCHW) -------------------------------------------------------------
-
-def _conv1x1(x, sd, name):
-  # cuDNN, which ran the official bf16 projector, adds the bias after the convolution (the bf16
-  # output is rounded twice); torch's CPU convolution would fuse it.
-  return F.conv2d(x, sd[name + ".weight"]) + sd[name + ".bias"].reshape(-1, 1, 1)
-
-
-def torch_jbu_step(source, guidance, sd, dt=torch.float32):
-  """One JBULearnedRange, spec §3.3: source (B,C,h,w), guidance (B,3,2h,2w) -> (B,C,2h,2w) fp32.
-
-  `dt` = bfloat16 follows the official bf16 projector (§3.6): inputs and weights in bf16, the
-  spatial kernel and the normalisation in fp32 by type promotion, the kernel MLP in bf16, the
-  convolution in fp32."""
-  b, _, gh, gw = guidance.shape
-  source, guidance = source.to(dt), guidance.to(dt)
-  sd = {k: v.to(dt) for k, v in sd.items()}
-  keys = _conv1x1(F.gelu(_conv1x1(guidance, sd, "range_proj.0")), sd, "range_proj.3")
-  neighbours = F.unfold(F.pad(keys, [3] * 4, mode="reflect"), 7).reshape(b, -1, 49, gh, gw)
-  tau = sd["range_temp"].exp().clamp(1e-4, 1e4)
-  rng = F.softmax(tau * torch.einsum("bcphw,bchw->bphw", neighbours, keys), dim=1)
-  t = torch.linspace(-1, 1, 7)
-  ta, tb = torch.meshgrid(t, t, indexing="ij")
-  spatial = torch.exp(-(ta ** 2 + tb ** 2) / (2 * sd["sigma_spatial"] ** 2)).reshape(1, 49, 1, 1)
-  kernel = rng * spatial
-  kernel = kernel / kernel.sum(1, keepdim=True).clamp(min=1e-7)
-  fix_in = torch.cat([kernel, guidance], dim=1).to(dt)
-  kernel = kernel + 0.1 * _conv1x1(F.gelu(_conv1x1(fix_in, sd, "fixup_proj.0")), sd, "fixup_proj.3")
-  up = F.interpolate(source, size=(gh, gw), mode="bicubic", align_corners=False)
-  up = F.pad(up, [3] * 4, mode="reflect").to(torch.float32)
-  cols = F.unfold(up, 7).reshape(b, source.shape[1], 49, gh, gw)
-  return torch.einsum("bcphw,bphw->bchw", cols, kernel.to(torch.float32))
-
-
-def torch_jbu4x(source, pixels, sd, dt=torch.float32):
-  """JBU4xStack.forward_with_internal_features, spec §3.2 (eval mode), outputs in `dt`."""
-  h, w = source.shape[-2:]
-  source, pixels = source.to(dt), pixels.to(dt)
-  sub = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-  f2 = torch_jbu_step(source, F.adaptive_avg_pool2d(pixels, (2 * h, 2 * w)), sub("up1."), dt).to(dt)
-  f4p = torch_jbu_step(f2, F.adaptive_avg_pool2d(pixels, (4 * h, 4 * w)), sub("up2."), dt).to(dt)
-  fix = _conv1x1(f4p, {k: v.to(dt) for k, v in sd.items()}, "fixup_proj.1")
-  return f2, fix * 0.1 + f4p
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -139,8 +96,8 @@ def test_jbu_step_matches_reference_on_non_square_grids(h, w):
   source, pixels = inputs(2, h, w, c, seed=1)
   guidance = np.random.default_rng(2).standard_normal((2, 2 * h, 2 * w, 3)).astype(np.float32)
   with torch.no_grad():
-    ref = torch_jbu_step(nchw(source), nchw(guidance), {k: torch.from_numpy(np.asarray(v))
-                                                        for k, v in sub.items()})
+    ref = jbu_ref.jbu_step(nchw(source), nchw(guidance), {k: torch.from_numpy(np.asarray(v))
+                                                          for k, v in sub.items()})
   out = run_step(model, jnp.asarray(source), jnp.asarray(guidance))
   assert out.shape == (2, 2 * h, 2 * w, c) and out.dtype == jnp.float32
   assert_close(out, nhwc(ref.numpy()), 1e-5, f"JBULearnedRange {h}x{w}")
@@ -153,8 +110,8 @@ def test_jbu4x_stack_matches_reference_on_non_square_grids(h, w):
   model = stack(c, sd)
   source, pixels = inputs(2 if h > 2 else 3, h, w, c, seed=3)
   with torch.no_grad():
-    ref2, ref4 = torch_jbu4x(nchw(source), nchw(pixels),
-                             {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
+    ref2, ref4 = jbu_ref.jbu4x(nchw(source), nchw(pixels),
+                               {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
   out = run_stack(model, jnp.asarray(source), jnp.asarray(pixels))
   assert set(out) == {"feat2x", "feat4x"}
   assert_close(out["feat2x"], nhwc(ref2.numpy()), 1e-5, f"feat2x {h}x{w}")
@@ -283,8 +240,8 @@ def test_bf16_flow_is_finite_close_to_fp32_and_no_worse_than_official_bf16():
   out = run_stack(stack(c, sd, bf16), s, p)
   tsd = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
   with torch.no_grad():
-    official = torch_jbu4x(nchw(source), nchw(pixels), tsd, torch.bfloat16)
-    exact = torch_jbu4x(nchw(source), nchw(pixels), tsd, torch.float64)
+    official = jbu_ref.jbu4x(nchw(source), nchw(pixels), tsd, torch.bfloat16)
+    exact = jbu_ref.jbu4x(nchw(source), nchw(pixels), tsd, torch.float64)
   for k, tb, t64 in zip(("feat2x", "feat4x"), official, exact):
     tb, t64 = nhwc(tb.float().numpy()), nhwc(t64.numpy())
     ours = np.asarray(out[k].astype(jnp.float32))

@@ -1,9 +1,10 @@
-"""Token organisation (spec §5) against a direct re-statement of the official splicing."""
+"""Token organisation (spec §5) against its re-statement in tests/reference/layout.py."""
 
 import numpy as np
 import pytest
 
 from hiwin_jax.data import layout, slicing
+from tests.reference import layout as layout_ref
 
 GRIDS = [None, (1, 2), (2, 1), (2, 2), (3, 2), (1, 8), (9, 1), (4, 2)]
 
@@ -19,28 +20,6 @@ def ind_tokens(grid):
   return [13 if x == cols - 1 else 29892 for _ in range(rows) for x in range(cols)]
 
 
-def official_sequence(grid, ind, order, q=12):
-  """The image span as a list of ('img', item, t) / ('tok', id), written from spec §5 (q x q
-  queries per item; the official q is 12)."""
-  n = q * q
-  if grid is None:
-    return [("img", 0, t) for t in range(n)]
-  cols, rows = grid
-  slices = cols * rows
-  out = []
-  if order == "r1":
-    for gy in range(q * rows):
-      for gx in range(q * cols):
-        r, i, c, j = gy // q, gy % q, gx // q, gx % q
-        out.append(("img", r * cols + c, q * i + j))
-      out.append(("tok", 13))
-    out.append(("tok", ind[0]))
-  else:
-    for k in range(slices):
-      out += [("img", k, t) for t in range(n)] + [("tok", ind[k])]
-  return out + [("img", slices, t) for t in range(n)]
-
-
 @pytest.mark.parametrize("order", layout.LAYOUTS)
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("q", [12, 8])
@@ -48,7 +27,7 @@ def test_layout_matches_the_official_order_and_counts(grid, order, q):
   ind = [] if grid is None else ind_tokens(grid)
   tokens = official(order, grid_size=q)
   got = layout.image_layout(grid, tokens)
-  want = official_sequence(grid, ind, order, q)
+  want = layout_ref.image_span(grid, ind, order, q=q)
   n = q * q
   assert len(got) == len(want) == layout.image_token_count(grid, tokens)
   for k, item in enumerate(want):

@@ -14,7 +14,7 @@ from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, writ
 from hiwin_jax import config as C
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llama import LlamaModel
-from numerics import assert_close, max_rel_err
+from tests.numerics import assert_close, max_rel_err
 
 B, S = 2, 13
 TOL = 1e-5
@@ -48,11 +48,6 @@ def batch_inputs(seed: int = 0):
 def real_rows(x, mask):
   """x [B, S, ...] at the real (unpadded) positions, as one array."""
   return np.asarray(x)[np.asarray(mask).astype(bool)]
-
-
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

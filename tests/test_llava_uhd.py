@@ -3,13 +3,14 @@ official flow, end to end: real photos -> host pipeline -> logits.
 
 One official-layout state dict (random tensors under the official key names, level embeddings and
 biases nonzero) is loaded into our model through the converter and, key by key, into the PyTorch
-pieces: transformers' `CLIPVisionModel` (run by `test_clip_vit.reference_features`: each item at
-its own grid, bicubic-resized positions), the JBU re-derivation `test_jbu.torch_jbu4x` (NCHW, each
-item at its exact size), the Hiwin re-derivation `test_hiwin.torch_hiwin` (`nn.MultiheadAttention`,
-torchvision-style RoIAlign) and `transformers.LlamaForCausalLM` (eager attention). The token
-organisation of spec §5 (R1: the slices' global 12x12 grid with "\\n" after every row, then
-`ind_tokens[0]`, then the overview; R2: slice, separator, ..., overview) and the splice of §6.3
-are written out here, item by item, with no canvases.
+pieces of tests/reference/: transformers' `CLIPVisionModel` (run by `clip.vit_features`: each item
+at its own grid, bicubic-resized positions), the JBU re-derivation `jbu.JBU4xStack` (NCHW, each
+item at its exact size), the Hiwin re-derivation `hiwin.Hiwin` (`nn.MultiheadAttention`,
+torchvision-style RoIAlign), composed by `llava_uhd.item_features` with every item its own group,
+and `transformers.LlamaForCausalLM` (eager attention). The token organisation of spec §5 (R1: the
+slices' global 12x12 grid with "\\n" after every row, then `ind_tokens[0]`, then the overview; R2:
+slice, separator, ..., overview) and the splice of §6.3 are `llava_uhd.image_embeddings` and
+`llava_uhd.splice`, item by item, with no canvases.
 
 Our side gets the same photos through the host pipeline (`slice_image`, `clip_normalize`,
 `image_layout`, `splice`, `make_batch` with the default buckets), so one batch holds items of
@@ -24,7 +25,7 @@ from flax import nnx
 from PIL import Image
 
 from ckpt_convert import core
-from ckpt_convert import llava_uhd as L
+from ckpt_convert import llava_uhd
 from hiwin_jax import config as C
 from hiwin_jax.data import buckets as BK
 from hiwin_jax.data import layout as LY
@@ -32,15 +33,15 @@ from hiwin_jax.data import slicing
 from hiwin_jax.data.image import clip_normalize
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llava_uhd import LlavaUHD
-from numerics import max_rel_err
+from tests.numerics import max_rel_err
 
 torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")
 
-from test_clip_vit import reference_features  # noqa: E402  (after the torch skip)
-from test_hiwin import torch_hiwin  # noqa: E402
-import test_hiwin  # noqa: E402
-from test_jbu import torch_jbu4x  # noqa: E402
+from tests.reference import clip as clip_ref  # noqa: E402  (after the torch skip)
+from tests.reference import hiwin as hiwin_ref  # noqa: E402
+from tests.reference import jbu as jbu_ref  # noqa: E402
+from tests.reference import llava_uhd as llava_ref  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -48,7 +49,6 @@ TOL = 1e-4
 SEQ_LEN = 672           # static batch length (every sample is shorter: right padding)
 MAX_SLICE_NUMS = slicing.TRAIN_MAX_SLICE_NUMS  # 7
 NEW_TOKENS = 4
-Q = 12                  # Hiwin query grid side
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -81,27 +81,6 @@ def random_params(targets, seed=0):
   return out
 
 
-def hiwin_params_from_official(state):
-  """`torch_hiwin`'s parameter names, read from the official `model.mm_projector.*` keys (Linear
-  weights (out, in) given as (in, out) kernels, which `torch_hiwin` transposes back)."""
-  p = {k[len(L.PROJ):]: v for k, v in state.items()
-       if k.startswith(L.PROJ) and not k.startswith(L.PROJ + "upsampler.")}
-  out = {k: p[k] for k in ("pos_embed", "query_1", "query_2", "query_3", "query_4", "proj")}
-  for s in (1, 2, 4):
-    out[f"feature_{s}x_embedding"] = p[f"feature_{s}x_embedding"]
-    out[f"features_{s}x_projector.kernel"] = p[f"features_{s}x_projector.weight"].T
-    out[f"features_{s}x_projector.bias"] = p[f"features_{s}x_projector.bias"]
-  out["attn_in_proj.kernel"] = p["attn.in_proj_weight"].T
-  out["attn_in_proj.bias"] = p["attn.in_proj_bias"]
-  out["attn_out_proj.kernel"] = p["attn.out_proj.weight"].T
-  out["attn_out_proj.bias"] = p["attn.out_proj.bias"]
-  out["cat_proj.kernel"] = p["cat_proj.weight"].T
-  out["cat_proj.bias"] = p["cat_proj.bias"]
-  for ln in ("ln_q", "ln_kv", "ln_proj", "ln_post"):
-    out[f"{ln}.scale"], out[f"{ln}.bias"] = p[f"{ln}.weight"], p[f"{ln}.bias"]
-  return out
-
-
 def load_torch(module, tensors):
   """load_state_dict from numpy, strict except for non-persistent-like buffers."""
   missing, unexpected = module.load_state_dict(
@@ -118,15 +97,14 @@ def setup():
   cfg = C.load_config("tiny").model
   proj = C.resolved_projector(cfg)
   assert proj.layout == "r1"
-  # torch_hiwin is written for its module's E / HEADS (the tiny geometry).
-  assert (proj.embed_dim, proj.num_heads) == (test_hiwin.E, test_hiwin.HEADS)
   model = nnx.eval_shape(lambda: LlavaUHD(cfg, Precision.parity(), rngs=nnx.Rngs(0)))
   targets = core.param_targets(model)
-  state = dict(L.official_tensors(random_params(targets), cfg))
+  state = dict(llava_uhd.official_tensors(random_params(targets), cfg))
   assert all(k.startswith(("model.", "lm_head.")) for k in state)
 
   # Ours: the official state dict through the converter into the abstract model.
-  core.load_params(model, core.to_ours(L.llava_table(cfg), core.DictSource(state), targets))
+  core.load_params(model, core.to_ours(llava_uhd.llava_table(cfg), core.DictSource(state),
+                                       targets))
 
   # PyTorch: each piece from its own official keys.
   v, m = cfg.vision, cfg.llm
@@ -137,7 +115,8 @@ def setup():
           hidden_act="quick_gelu", layer_norm_eps=v.layer_norm_eps),
       attn_implementation="eager", dtype=torch.float32)
   # transformers 5's CLIPVisionModel.state_dict() has no `vision_model.` prefix.
-  load_torch(clip, {k[len(L.VISION):]: t for k, t in state.items() if k.startswith(L.VISION)})
+  load_torch(clip, {k[len(llava_uhd.VISION):]: t for k, t in state.items()
+                    if k.startswith(llava_uhd.VISION)})
   llama = transformers.LlamaForCausalLM._from_config(
       transformers.LlamaConfig(
           vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_dim,
@@ -147,13 +126,17 @@ def setup():
           tie_word_embeddings=False),
       attn_implementation="eager", dtype=torch.float32)
   load_torch(llama, {k: t for k, t in state.items()
-                     if not k.startswith(("model.vision_tower.", L.PROJ))})
-  jbu_sd = {k[len(L.JBU):]: torch.from_numpy(np.asarray(t))
-            for k, t in state.items() if k.startswith(L.JBU)}
+                     if not k.startswith(("model.vision_tower.", llava_uhd.PROJ))})
+  jbu = load_torch(jbu_ref.JBU4xStack(v.hidden_size), {
+      k[len(llava_uhd.JBU):]: t for k, t in state.items() if k.startswith(llava_uhd.JBU)})
   scales = tuple(s for s in (1, 2, 4) if proj.feature_scale_mask & s)
+  hiwin = hiwin_ref.Hiwin(proj.kv_dim, proj.embed_dim, proj.num_heads, scales)
+  own = hiwin.state_dict()
+  load_torch(hiwin, {k[len(llava_uhd.PROJ):]: t for k, t in state.items()
+                     if k.startswith(llava_uhd.PROJ) and k[len(llava_uhd.PROJ):] in own})
   n_layers = v.select_layer if v.select_layer >= 0 else v.num_layers + 1 + v.select_layer
-  pieces = dict(clip=clip, llama=llama, jbu=jbu_sd, hiwin=hiwin_params_from_official(state),
-                scales=scales, vit_layers=n_layers)
+  pieces = dict(vit=lambda px: clip_ref.vit_features(clip, px, n_layers), llama=llama, jbu=jbu,
+                hiwin=hiwin)
   return cfg, state, model, pieces
 
 
@@ -216,40 +199,19 @@ def host_batch(cfg, sliced, layout, groups=LOGIT_SAMPLES, seq_len=SEQ_LEN):
 def torch_image_tokens(pieces, result):
   """One image's Hiwin outputs (n_slices + 1, 144, E): slices row-major, then the overview; each
   item through the ViT, the JBU and the Hiwin reference at its own size."""
-  maps = []
+  groups = [torch.from_numpy(clip_normalize(im).transpose(2, 0, 1)[None].copy())
+            for im in result.slices + [result.overview]]                # [1, 3, 14h, 14w] each
   with torch.no_grad():
-    for im in result.slices + [result.overview]:
-      px = clip_normalize(im)                                        # [14h, 14w, 3]
-      h, w = px.shape[0] // 14, px.shape[1] // 14
-      f1 = reference_features(torch, pieces["clip"], px, pieces["vit_layers"])[0]
-      f1 = torch.from_numpy(f1).reshape(h, w, -1)                    # row-major tokens
-      f2, f4 = torch_jbu4x(f1.permute(2, 0, 1)[None],
-                           torch.from_numpy(px.transpose(2, 0, 1)[None].copy()), pieces["jbu"])
-      levels = {1: f1, 2: f2[0].permute(1, 2, 0), 4: f4[0].permute(1, 2, 0)}
-      maps.append({s: levels[s] for s in pieces["scales"]})
-  return torch.from_numpy(torch_hiwin(pieces["hiwin"], maps, pieces["scales"]))
+    return llava_ref.item_features(pieces["vit"], pieces["jbu"], pieces["hiwin"], groups)
 
 
 def organise(tokens, result, layout, emb, newline, comma):
   """Spec §5: the embeddings that replace `<image>`. `tokens` (n + 1, 144, E)."""
-  if result.grid is None:
-    return tokens[-1]
   # The slicer's `ind_tokens` (spec §1.3), with the tiny vocab's ids for "\n" and ",".
-  cols, rows = result.grid
-  ind = [newline if x == cols - 1 else comma for _ in range(rows) for x in range(cols)]
-  n, e = len(ind), tokens.shape[-1]
-  if layout == "r1":
-    cols = ind.index(newline) + 1  # ind tokens up to and including the first "\n"
-    rows = n // cols
-    # G[12r + i, 12c + j] = S_{r cols + c}[12i + j]
-    g = tokens[:n].reshape(rows, cols, Q, Q, e).permute(0, 2, 1, 3, 4)
-    g = g.reshape(Q * rows, Q * cols, e)
-    g = torch.cat([g, emb(newline).expand(Q * rows, 1, e)], 1).reshape(-1, e)
-    return torch.cat([g, emb(ind[0])[None], tokens[-1]])
-  parts = []
-  for k in range(n):
-    parts += [tokens[k], emb(ind[k])[None]]
-  return torch.cat(parts + [tokens[-1]])
+  ind = [] if result.grid is None else [newline if x == result.grid[0] - 1 else comma
+                                        for _ in range(result.grid[1])
+                                        for x in range(result.grid[0])]
+  return llava_ref.image_embeddings(tokens, result.grid, ind, layout, newline, emb)
 
 
 def torch_sequence(cfg, pieces, image_tokens, sliced, sample, layout):
@@ -260,20 +222,11 @@ def torch_sequence(cfg, pieces, image_tokens, sliced, sample, layout):
   embed = pieces["llama"].model.embed_tokens
   emb = lambda token: embed(torch.tensor([token]))[0]
   proj = cfg.projector
-  cuts = [-1] + list(np.flatnonzero(ids == LY.IMAGE_TOKEN_INDEX)) + [len(ids)]
-  assert len(cuts) == len(names) + 2
-  parts, lab, lens = [], [], []
   with torch.no_grad():
-    for k in range(len(cuts) - 1):
-      parts.append(embed(torch.from_numpy(ids[cuts[k] + 1:cuts[k + 1]]).long()))
-      lab.append(labels[cuts[k] + 1:cuts[k + 1]])
-      if k < len(names):
-        span = organise(image_tokens[names[k]], sliced[names[k]], layout, emb,
-                        proj.newline_token, proj.comma_token)
-        parts.append(span)
-        lab.append(np.full(len(span), LY.IGNORE_INDEX))
-        lens.append(len(span))
-  return torch.cat(parts)[:cfg.max_length], np.concatenate(lab)[:cfg.max_length], lens
+    spans = [organise(image_tokens[n], sliced[n], layout, emb, proj.newline_token,
+                      proj.comma_token) for n in names]
+    seq, lab = llava_ref.splice(embed, ids, labels, spans, cfg.max_length)
+  return seq, lab, [len(span) for span in spans]
 
 
 def torch_reference(cfg, pieces, image_tokens, sliced, layout, groups=LOGIT_SAMPLES):

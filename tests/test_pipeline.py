@@ -1,8 +1,7 @@
 """The training data pipeline: global plan, static shapes, bad samples, sources, resume, processes.
 
-Small PIL-written images in tmp_path; the real Vicuna tokenizer of the shared reference folder
-when present (vicuna_v1 template), else a LLaMA-style SentencePiece model trained here in a few
-milliseconds (plain template).
+Small PIL-written images in tmp_path; the real Vicuna tokenizer of tests/fixtures/vicuna-tokenizer
+(vicuna_v1 template).
 """
 
 import json
@@ -17,28 +16,15 @@ from hiwin_jax import config as C
 from hiwin_jax.data import loader, metadata
 from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_VICUNA = next((d / "reference" / "vicuna-tokenizer"
-                for d in (_ROOT / "shared", _ROOT.parent / "shared")
-                if (d / "reference" / "vicuna-tokenizer" / "tokenizer.model").is_file()), None)
+VICUNA = pathlib.Path(__file__).resolve().parent / "fixtures" / "vicuna-tokenizer"
 
 # (width, height): unsliced, 2, 4 and 6 slices, wide and tall
 SIZES = [(200, 100), (300, 300), (337, 337), (640, 480), (700, 200), (240, 640), (1024, 768)]
 
 
 @pytest.fixture(scope="module")
-def tok_and_template(tmp_path_factory):
-  if _VICUNA is not None:
-    return LlamaSpmTokenizer(_VICUNA), "vicuna_v1"
-  import sentencepiece as spm
-  folder = tmp_path_factory.mktemp("tiny_tok")
-  text = folder / "corpus.txt"
-  text.write_text("\n".join(["a photo of a cat on a mat", "the quick brown fox jumps",
-                             "describe the image in detail", "USER ASSISTANT hello world"] * 50))
-  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"),
-                                 vocab_size=320, model_type="bpe", byte_fallback=True,
-                                 character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0)
-  return LlamaSpmTokenizer(folder, legacy=True), "plain"
+def tok_and_template():
+  return LlamaSpmTokenizer(VICUNA), "vicuna_v1"
 
 
 def _conv(text: str, image: bool = True):
@@ -116,7 +102,7 @@ def _assert_same(a, b):
 def dataset(tmp_path_factory, tok_and_template):
   tok, template = tok_and_template
   root = tmp_path_factory.mktemp("llava")
-  json_path, images, expected = _write_dataset(root, text_only=template == "vicuna_v1")
+  json_path, images, expected = _write_dataset(root, text_only=True)
   return json_path, images, expected, tok, template
 
 
@@ -142,7 +128,7 @@ def test_bad_samples_are_counted_by_reason_and_the_run_goes_on(dataset, tmp_path
   # every good sample is seen once per epoch
   seen = [i for b in batches[:it.steps_per_epoch[0]]
           for i, f in zip(b["meta"]["ids"], b["meta"]["filler"]) if not f]
-  kept = {f"s{i}" for i in range(21)} | ({"text0"} if template == "vicuna_v1" else set())
+  kept = {f"s{i}" for i in range(21)} | {"text0"}
   assert sorted(seen) == sorted(kept)
   # a restart reads the metadata cache instead of rescanning
   cached = list((tmp_path / "cache").glob("*.npz"))

@@ -1,11 +1,10 @@
 """RoIAlign against a literal numpy transcription of torchvision's CPU kernel (spec §4.4).
 
-`numpy_roi_align` walks boxes, bins and samples in the order of torchvision's
-`roi_align_forward_kernel_impl` (aligned=False, sampling_ratio=-1), in float32. The window path
-and the sample-grid choice are checked against the official formulas written out in float64.
+`roi_ref.roi_align` (tests/reference/roi_align.py) walks boxes, bins and samples in the order of
+torchvision's `roi_align_forward_kernel_impl` (aligned=False, sampling_ratio=-1), in float32. The
+window path and the sample-grid choice are checked against the official formulas written out in
+float64 (`roi_ref.window_boxes`, `roi_ref.pooling_size`).
 """
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -13,77 +12,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hiwin_jax.models.roi_align import (POOL_CANDIDATES, axis_weights, pooling_size, roi_align,
-                                        window_boxes, window_edges, window_weights)
-from numerics import assert_close
-
-f32 = np.float32
-
-
-def numpy_roi_align(features, boxes, output_size):
-  """torchvision roi_align(aligned=False, spatial_scale=1, sampling_ratio=-1), one image.
-
-  features [H, W, C], boxes [K, 4] float32 (x1, y1, x2, y2) -> [K, oh, ow, C] float32."""
-  oh, ow = output_size
-  h, w, c = features.shape
-  out = np.zeros((len(boxes), oh, ow, c), f32)
-  for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, f32)):
-    roi_w = max(f32(x2 - x1), f32(1))
-    roi_h = max(f32(y2 - y1), f32(1))
-    bin_h, bin_w = f32(roi_h / f32(oh)), f32(roi_w / f32(ow))
-    gh, gw = math.ceil(f32(roi_h / f32(oh))), math.ceil(f32(roi_w / f32(ow)))
-    count = f32(max(gh * gw, 1))
-    for ph in range(oh):
-      for pw in range(ow):
-        acc = np.zeros(c, f32)
-        for iy in range(gh):
-          yy = f32(f32(y1 + f32(f32(ph) * bin_h)) + f32(f32(f32(iy + 0.5) * bin_h) / f32(gh)))
-          for ix in range(gw):
-            xx = f32(f32(x1 + f32(f32(pw) * bin_w)) + f32(f32(f32(ix + 0.5) * bin_w) / f32(gw)))
-            y, x = yy, xx
-            if y < -1.0 or y > h or x < -1.0 or x > w:
-              continue
-            y, x = max(y, f32(0)), max(x, f32(0))
-            y_low, x_low = int(y), int(x)
-            if y_low >= h - 1:
-              y_high = y_low = h - 1
-              y = f32(y_low)
-            else:
-              y_high = y_low + 1
-            if x_low >= w - 1:
-              x_high = x_low = w - 1
-              x = f32(x_low)
-            else:
-              x_high = x_low + 1
-            ly, lx = f32(y - y_low), f32(x - x_low)
-            hy, hx = f32(1 - ly), f32(1 - lx)
-            w1, w2, w3, w4 = hy * hx, hy * lx, ly * hx, ly * lx
-            acc = acc + (w1 * features[y_low, x_low] + w2 * features[y_low, x_high]
-                         + w3 * features[y_high, x_low] + w4 * features[y_high, x_high])
-        out[k, ph, pw] = acc / count
-  return out
-
-
-def official_window_boxes(height, width, num_windows=144):
-  """`slice_image_feature_minicpm`'s boxes: float64 crop sizes, float32 tensor, then bf16."""
-  ratio = height * width / num_windows
-  crop_h = math.sqrt(ratio / (width / height))
-  crop_w = crop_h * (width / height)
-  rows, cols = int(round(height / crop_h)), int(round(width / crop_w))
-  assert rows * cols == num_windows
-  boxes = [[j * crop_w, i * crop_h, j * crop_w + crop_w, i * crop_h + crop_h]
-           for i in range(rows) for j in range(cols)]
-  return np.asarray(boxes, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
-def official_pooling_size(ratio):
-  """`cal_best_pooling_size(W / H)` -> (oh, ow)."""
-  best, err = None, float("inf")
-  for cw, ch in POOL_CANDIDATES:
-    e = abs(math.log(ratio) - math.log(cw / ch))
-    if e < err:
-      best, err = (ch, cw), e
-  return best
+from hiwin_jax.models.roi_align import (axis_weights, pooling_size, roi_align, window_boxes,
+                                        window_edges, window_weights)
+from tests.numerics import assert_close
+from tests.reference import roi_align as roi_ref
 
 
 def random_boxes(rng, h, w, k):
@@ -107,7 +39,7 @@ def test_roi_align_matches_torchvision_loops(hw, output_size):
   features = rng.standard_normal((h, w, 5)).astype(np.float32)
   boxes = random_boxes(rng, h, w, 24)
   got = roi_align(jnp.asarray(features), jnp.asarray(boxes), output_size)
-  assert_close(got, numpy_roi_align(features, boxes, output_size), 1e-6, f"roi_align {hw}")
+  assert_close(got, roi_ref.roi_align(features, boxes, output_size), 1e-6, f"roi_align {hw}")
 
 
 def test_roi_align_bf16_boxes_round_like_the_official_cast():
@@ -118,7 +50,7 @@ def test_roi_align_bf16_boxes_round_like_the_official_cast():
   rounded = boxes.astype(ml_dtypes.bfloat16).astype(np.float32)
   assert np.any(rounded != boxes)
   got = roi_align(jnp.asarray(features), jnp.asarray(boxes), (3, 4), bf16_boxes=True)
-  assert_close(got, numpy_roi_align(features, rounded, (3, 4)), 1e-6, "bf16 boxes")
+  assert_close(got, roi_ref.roi_align(features, rounded, (3, 4)), 1e-6, "bf16 boxes")
 
 
 def test_axis_weights_traced_sizes_equal_static_sizes():
@@ -138,11 +70,11 @@ def test_window_edges_match_official_boxes():
   ours = np.asarray(jax.vmap(window_edges)(jnp.asarray(sizes)))             # [400, 13]
   for height in (1, 7, 25, 50, 96, 100, 292):
     for width in sizes:
-      boxes = official_window_boxes(height, width)
+      boxes = roi_ref.window_boxes(height, width)
       np.testing.assert_array_equal(boxes[:12, 0], ours[width - 1, :12], err_msg=f"x1 {width}")
       np.testing.assert_array_equal(boxes[:12, 2], ours[width - 1, 1:], err_msg=f"x2 {width}")
       np.testing.assert_array_equal(boxes[::12, 1], ours[height - 1, :12], err_msg=f"y1 {height}")
-  np.testing.assert_array_equal(np.asarray(window_boxes(25, 22)), official_window_boxes(25, 22))
+  np.testing.assert_array_equal(np.asarray(window_boxes(25, 22)), roi_ref.window_boxes(25, 22))
 
 
 def test_pooling_size_matches_log_ratio_rule():
@@ -150,7 +82,7 @@ def test_pooling_size_matches_log_ratio_rule():
   hh, ww = np.meshgrid(sides, sides, indexing="ij")
   oh, ow = (np.asarray(a) for a in pooling_size(jnp.asarray(hh), jnp.asarray(ww)))
   for h, w in zip(hh.ravel(), ww.ravel()):
-    assert (oh[h - 1, w - 1], ow[h - 1, w - 1]) == official_pooling_size(w / h), (h, w)
+    assert (oh[h - 1, w - 1], ow[h - 1, w - 1]) == roi_ref.pooling_size(w / h), (h, w)
 
 
 # 60 x 148 and 28 x 292 are the 4x levels of overviews 15 x 37 and 7 x 73, where the bf16 box
@@ -161,19 +93,19 @@ def test_window_weights_equal_roi_align_on_window_boxes(hw):
   h, w = hw
   rng = np.random.default_rng(h * w)
   features = rng.standard_normal((h, w, 4)).astype(np.float32)
-  oh, ow = official_pooling_size(w / h)
+  oh, ow = roi_ref.pooling_size(w / h)
   canvas = (h + 3, w + 5)
   ay, ax = jax.jit(lambda *a: window_weights(*a, canvas_hw=canvas))(h, w, oh, ow)
   padded = np.zeros(canvas + (4,), np.float32)
   padded[:h, :w] = features
   got = jnp.einsum("rpy,cqx,yxe->rcpqe", ay, ax, padded, precision="highest")
   got = np.asarray(got)[:, :, :oh, :ow].reshape(144, oh, ow, 4)
-  boxes = official_window_boxes(h, w)
+  boxes = roi_ref.window_boxes(h, w)
   counts = np.ceil(np.maximum(boxes[:, 2] - boxes[:, 0], 1) / np.float32(ow))
   if hw in ((60, 148), (28, 292)):
     assert len(np.unique(counts)) > 1, "expected windows with different sample counts"
   want = np.asarray(roi_align(jnp.asarray(features), jnp.asarray(boxes), (oh, ow)))
   assert_close(got, want, 1e-6, f"windows of {hw}")
   some = rng.choice(144, 12, replace=False)
-  assert_close(got[some], numpy_roi_align(features, boxes[some], (oh, ow)), 1e-6,
+  assert_close(got[some], roi_ref.roi_align(features, boxes[some], (oh, ow)), 1e-6,
                f"windows of {hw} vs loops")

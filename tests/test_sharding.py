@@ -12,8 +12,8 @@ from hiwin_jax.models.clip_vit import ClipVisionTower
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llama import LlamaModel
 from hiwin_jax.parallel import mesh as M
-from hiwin_jax.parallel import sharding as S
-from numerics import assert_close
+from hiwin_jax.parallel import sharding
+from tests.numerics import assert_close
 
 MESHES = [(1, 8, 1), (1, 4, 2), (2, 2, 2)]
 MIN_SHARDED = 1024  # every parameter with this many elements or more must be split
@@ -38,16 +38,16 @@ def _run(model, forward, inputs, mesh=None, rules=None):
 
   if mesh is None:
     return np.asarray(jax.jit(f)(state, *inputs)), state
-  state = S.shard_state(state, mesh, rules)
-  batch = NamedSharding(mesh, S.logical_to_spec(("batch",), rules, mesh))
+  state = sharding.shard_state(state, mesh, rules)
+  batch = NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules, mesh))
   inputs = [jax.device_put(x, batch) for x in inputs]
-  with jax.set_mesh(mesh), S.use_rules(rules):
+  with jax.set_mesh(mesh), sharding.use_rules(rules):
     out = jax.jit(f)(state, *inputs)
   return np.asarray(out), state
 
 
 def _assert_sharded(state, mesh):
-  too_big = S.unsharded_report(nnx.state(state, nnx.Param), MIN_SHARDED)
+  too_big = sharding.unsharded_report(nnx.state(state, nnx.Param), MIN_SHARDED)
   assert not too_big, f"replicated large parameters on mesh {mesh.shape}: {too_big}"
 
 
@@ -91,7 +91,7 @@ def test_clip_forward_on_mesh_equals_single_device(clip_case, cfg, shape):
 
 def test_parameters_carry_the_expected_mesh_axes(cfg):
   mesh = _mesh((2, 2, 2))
-  model = S.create_sharded(
+  model = sharding.create_sharded(
       lambda: LlamaModel(cfg.model.llm, Precision.parity(), rngs=nnx.Rngs(0)), mesh, cfg.mesh.rules)
   state = nnx.state(model, nnx.Param)
   assert state["embed_tokens"]["embedding"].get_value().sharding.spec == P("tensor", "fsdp")
@@ -104,10 +104,10 @@ def test_parameters_carry_the_expected_mesh_axes(cfg):
 
 def test_rules_skip_axes_that_do_not_divide(cfg):
   mesh = _mesh((1, 8, 1))
-  spec = S.logical_to_spec(("vocab", "embed"), cfg.mesh.rules, mesh, (512, 12))
+  spec = sharding.logical_to_spec(("vocab", "embed"), cfg.mesh.rules, mesh, (512, 12))
   assert spec == P(None, None)  # 12 is not divisible by 8, tensor has size 1
   with pytest.raises(KeyError, match="no rule"):
-    S.logical_to_spec(("nonsense",), cfg.mesh.rules, mesh)
+    sharding.logical_to_spec(("nonsense",), cfg.mesh.rules, mesh)
 
 
 @pytest.mark.slow
@@ -133,8 +133,8 @@ def test_whole_model_on_a_mesh_equals_single_device(cfg):
   graphdef, state = nnx.split(model)
   fwd = lambda st, b: nnx.merge(graphdef, st)(b)[0]
   ref = np.asarray(jax.jit(fwd)(state, batch))
-  sharded = S.shard_state(state, mesh, cfg.mesh.rules)
-  with jax.set_mesh(mesh), S.use_rules(cfg.mesh.rules):
+  sharded = sharding.shard_state(state, mesh, cfg.mesh.rules)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
     out = np.asarray(jax.jit(fwd)(sharded, batch))
   _assert_sharded(sharded, mesh)
   real = batch["attention_mask"]

@@ -1,4 +1,5 @@
-"""hiwin_jax.data.slicing against an independent re-implementation of spec §1.2-§1.3 and §1.7."""
+"""hiwin_jax.data.slicing against the spec §1.2-§1.3 transcription of tests/reference/slicing.py
+and the worked examples of official-spec §1.7."""
 
 import math
 
@@ -7,51 +8,9 @@ import pytest
 from PIL import Image
 
 from hiwin_jax.data import layout, slicing
+from tests.reference import slicing as slicing_ref
 
 S, P = 336, 14
-
-
-# ---- reference: spec §1.2-§1.3 pseudocode, transcribed literally (Python floats and ints) ----
-
-def ref_ensure_divide(length, p):
-  return max(math.floor(length / p) * p, p)
-
-
-def ref_find_best_resize(w, h, s, p, allow_upscale):
-  if w * h > s * s or allow_upscale:
-    r = w / h
-    h = int(s / math.sqrt(r))
-    w = int(h * r)
-  return ref_ensure_divide(w, p), ref_ensure_divide(h, p)
-
-
-def ref_plan(w, h, max_slice_nums, s=S, p=P):
-  """(overview, grid, refine, slice) with None for the last three when not sliced."""
-  log_ratio = math.log(w / h)
-  ratio = w * h / (s * s)
-  multiple = min(math.ceil(ratio), max_slice_nums)
-  if multiple <= 1:
-    return ref_find_best_resize(w, h, s, p, True), None, None, None
-  cands = []
-  for k in (multiple - 1, multiple, multiple + 1):
-    if k != 1 and k <= max_slice_nums:
-      cands.append(k)
-  overview = ref_find_best_resize(w, h, s, p, False)
-  grids = []
-  for k in cands:
-    for m in range(1, k + 1):
-      if k % m == 0:
-        grids.append([m, k // m])
-  best, best_err = None, float("inf")
-  for g in grids:
-    err = abs(log_ratio - math.log(g[0] / g[1]))
-    if err < best_err:
-      best, best_err = g, err
-  cols, rows = best
-  rw, rh = ref_ensure_divide(w, cols), ref_ensure_divide(h, rows)
-  sw, sh = ref_find_best_resize(rw / cols, rh / rows, s, p, True)
-  refine = (sw * cols, sh * rows)
-  return overview, tuple(best), refine, (refine[0] // cols, refine[1] // rows)
 
 
 def _sizes(n, seed):
@@ -80,7 +39,7 @@ def test_plan_matches_reference_on_random_and_edge_sizes(max_slice_nums):
   for w, h in EDGE_SIZES + RANDOM_SIZES:
     plan = slicing.plan_slices(w, h, max_slice_nums)
     got = (plan.overview_size, plan.grid, plan.refine_size, plan.slice_size)
-    want = ref_plan(w, h, max_slice_nums)
+    want = slicing_ref.plan(w, h, max_slice_nums)
     if got != want:
       mismatches.append(((w, h), got, want))
   assert not mismatches, f"{len(mismatches)} sizes differ, first: {mismatches[:3]}"

@@ -94,7 +94,8 @@ def test_warmup_is_the_sft_text_with_a_true_caption_for_the_image(task):
     assert "<image>" not in first["value"]
     assert image_sample["conversations"][0]["value"] == "<image>\n" + question
     mark = marks[image_sample["image"]]
-    assert caption in {c.format(colour=mark["colour"], side=mark["side"]) for c in synthetic.CAPTIONS}
+    assert caption in {c.format(colour=mark["colour"], side=mark["side"])
+                       for c in synthetic.CAPTIONS}
 
 
 def _check_mark(image: np.ndarray, mark: dict, where: str) -> None:

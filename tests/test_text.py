@@ -1,7 +1,8 @@
 """Tokenizer, templates and label masks against the official ids (text-side.md, golden cases).
 
-Uses the real Vicuna v1.5 tokenizer files of the shared reference folder; the golden ids and label
-spans were produced by the official LLaVA-UHD v2 text functions with transformers 4.37.2.
+Uses the real Vicuna v1.5 tokenizer files of tests/fixtures/vicuna-tokenizer; the golden ids and
+label spans (tests/fixtures/golden/text_cases.jsonl) were produced by the official LLaVA-UHD v2
+text functions with transformers 4.37.2 (tests/fixtures/README.md).
 """
 
 import json
@@ -17,15 +18,9 @@ from hiwin_jax.data import conversation as conv
 from hiwin_jax.data.conversation import IGNORE_INDEX, ConversationError, build_prompt, preprocess
 from hiwin_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LlamaSpmTokenizer, TokenizerError
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = next((d for d in (_ROOT / "shared" / "reference", _ROOT.parent / "shared" / "reference")
-                  if d.is_dir()), _ROOT.parent / "shared" / "reference")
-TOKENIZER_DIR = REFERENCE / "vicuna-tokenizer"
-GOLDEN = REFERENCE / "golden" / "text_cases.jsonl"
-
-if not (TOKENIZER_DIR / "tokenizer.model").is_file() or not GOLDEN.is_file():
-  pytest.skip(f"needs the Vicuna tokenizer and golden text cases under {REFERENCE} (shared "
-              "reference folder absent)", allow_module_level=True)
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "vicuna-tokenizer"
+GOLDEN = FIXTURES / "golden" / "text_cases.jsonl"
 
 GOLDEN_CASES = [json.loads(line) for line in GOLDEN.read_text().splitlines() if line.strip()]
 TRAIN_CASES = [c for c in GOLDEN_CASES if c["name"] != "inference"]

@@ -27,13 +27,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax._src import compilation_cache
-from numerics import assert_close
 
 from hiwin_jax import config as C
 from hiwin_jax.data import synthetic
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.train import checkpoint, loop
 from hiwin_jax.train import trainer as T
+from tests.numerics import assert_close
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 12

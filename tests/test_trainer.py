@@ -12,7 +12,7 @@ from hiwin_jax import config as C
 from hiwin_jax.data import buckets, layout
 from hiwin_jax.parallel import mesh as M
 from hiwin_jax.train import trainer as T
-from numerics import max_rel_err
+from tests.numerics import max_rel_err
 
 SEQ = 192
 TOKENS = layout.TokenLayout.from_config(C.load_config("tiny").model.projector)

@@ -16,7 +16,7 @@ from PIL import Image
 from hiwin_jax import config as C
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.train import vdim, vdim_data
-from numerics import assert_close
+from tests.numerics import assert_close
 
 TINY_STEPS = 30
 
@@ -111,8 +111,7 @@ def test_random_projection_columns_have_unit_norm_over_channels():
 
 @pytest.mark.torch
 @pytest.mark.parametrize("h,out", [(6, 84), (12, 84), (24, 84), (96, 336)])
-def test_bilinear_resize_matches_torch_bit_for_bit(h, out):
-  torch = pytest.importorskip("torch")
+def test_bilinear_resize_matches_torch_bit_for_bit(torch, h, out):
   x = np.random.default_rng(h).standard_normal((2, h, h, 3)).astype(np.float32)
   want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(out, out),
                                          mode="bilinear", align_corners=False)
@@ -125,8 +124,7 @@ def test_bilinear_resize_matches_torch_bit_for_bit(h, out):
 
 
 @pytest.mark.torch
-def test_jitter_matches_featup_pad_zoom_crop_flip_in_torch():
-  torch = pytest.importorskip("torch")
+def test_jitter_matches_featup_pad_zoom_crop_flip_in_torch(torch):
   F = torch.nn.functional
   x = np.random.default_rng(0).standard_normal((2, 40, 40, 3)).astype(np.float32)
   zoom, xo, yo = 1.5, 11, 17
@@ -139,8 +137,7 @@ def test_jitter_matches_featup_pad_zoom_crop_flip_in_torch():
 
 
 @pytest.mark.torch
-def test_gaussian_blur_matches_a_reflect_padded_separable_conv_in_torch():
-  torch = pytest.importorskip("torch")
+def test_gaussian_blur_matches_a_reflect_padded_separable_conv_in_torch(torch):
   F = torch.nn.functional
   x = np.random.default_rng(0).standard_normal((2, 20, 20, 4)).astype(np.float32)
   t = torch.arange(5, dtype=torch.float32) - 2
@@ -155,8 +152,7 @@ def test_gaussian_blur_matches_a_reflect_padded_separable_conv_in_torch():
 
 
 @pytest.mark.torch
-def test_optimizer_is_torch_nadam_after_lightning_clipping_for_the_first_steps():
-  torch = pytest.importorskip("torch")
+def test_optimizer_is_torch_nadam_after_lightning_clipping_for_the_first_steps(torch):
   rng = np.random.default_rng(0)
   init = {"a": rng.standard_normal((4, 3)).astype(np.float32),
           "b": rng.standard_normal((5,)).astype(np.float32)}
