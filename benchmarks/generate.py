@@ -129,7 +129,7 @@ def run_jax(args, batch: int) -> dict:
 def torch_vision(cfg, params: dict):
   """(clip, jbu, hiwin): the PyTorch vision path of benchmarks/vision_path.py, built as its
   `run_torch` builds it (transformers' CLIPVisionModel, benchmarks/jbu.py's `torch_jbu_stack
-  ("shift")`, `vision_path.torch_hiwin`), carrying our weights `params` (`core.model_params`)
+  ("shift")`, `vision_path.torch_hiwin`), carrying our weights `params` (`weights.model_params`)
   through ckpt_convert's key tables, in eval mode, no grad."""
   import numpy as np
   import torch
@@ -139,10 +139,9 @@ def torch_vision(cfg, params: dict):
   import vision_path as V
   from ckpt_convert import core, hf_clip, vdim
   from ckpt_convert.llava_uhd import projector_table
-  from hiwin_jax import config as C
   from jbu import torch_jbu_stack
   m = cfg.model
-  proj = C.resolved_projector(m)
+  proj = m.projector
   if (proj.grid_size, proj.feature_scale_mask, proj.jbu_scale, m.vision.select_layer) != (
       V.QUERY_GRID, 7, 4, -2):
     raise ValueError("vision_path's PyTorch path is the 12x12-query, 1x/2x/4x, JBU 4x, layer -2 "
@@ -238,7 +237,7 @@ def run_torch(args, batch: int) -> dict:
   from flax import nnx
 
   from ckpt_convert import core, hf_llama
-  from hiwin_jax import config as C
+  from hiwin_jax import weights
   from hiwin_jax.infer import generate as G
   from hiwin_jax.models import roi_align
   from vision_path import torch_item_features
@@ -246,7 +245,7 @@ def run_torch(args, batch: int) -> dict:
   cfg, model, host = build(args.config, batch, args.prompt_tokens)
   if not np.all(host["attention_mask"]):
     raise ValueError("expected unpadded rows (the last position is every row's prompt end)")
-  params = core.model_params(model)
+  params = weights.model_params(model)
   clip, jbu, hiwin = torch_vision(cfg, params)
   llm_cfg = cfg.model.llm
   hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_llama.llm_to_hf_config(llm_cfg).items()
@@ -259,7 +258,7 @@ def run_torch(args, batch: int) -> dict:
   hf.config._attn_implementation = "eager"
   hf.requires_grad_(False)
 
-  grid = int(C.resolved_projector(cfg.model).grid_size)
+  grid = int(cfg.model.projector.grid_size)
   patch = int(cfg.model.vision.patch_size)
   groups, index, slots = torch_items(host, patch, grid * grid)
   is_image = (index >= 0)[..., None]
