@@ -164,7 +164,8 @@ def test_gaussian_blur_matches_a_reflect_padded_separable_conv_in_torch():
                 groups=4)
   xt = F.conv2d(F.pad(xt, [0, 0, 2, 2], mode="reflect"), k.reshape(1, 1, 5, 1).repeat(4, 1, 1, 1),
                 groups=4)
-  assert_close(vdim_models.gaussian_blur(jnp.asarray(x)), xt.permute(0, 2, 3, 1).numpy(), 1e-6, "blur")
+  assert_close(vdim_models.gaussian_blur(jnp.asarray(x)), xt.permute(0, 2, 3, 1).numpy(), 1e-6,
+               "blur")
 
 
 @pytest.mark.torch
