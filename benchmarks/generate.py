@@ -10,7 +10,7 @@ Workload: a random 1008x672 RGB image through the eval slicer (max_slice_nums 9,
 3x2 slices of 336x336 + a 406x266 overview), `--prompt-tokens` random text ids around the
 <image> placeholder, the R1 token layout; the batch repeats that request B times (no padding).
 Both sides use the same weights (the JAX model's, random; the PyTorch modules are loaded from
-them through ckpt_convert's key tables), fp32, greedy decoding, no EOS (every row decodes all its
+them through the converters' key tables), fp32, greedy decoding, no EOS (every row decodes all its
 tokens). N = `--new-tokens`.
 
 Columns (median of `--repeats` timed runs after one untimed warm-up; each case in its own process,
@@ -130,15 +130,15 @@ def torch_vision(cfg, params: dict):
   """(clip, jbu, hiwin): the PyTorch vision path of benchmarks/vision_path.py, built as its
   `run_torch` builds it (transformers' CLIPVisionModel, benchmarks/jbu.py's `torch_jbu_stack
   ("shift")`, `vision_path.torch_hiwin`), carrying our weights `params` (`weights.model_params`)
-  through ckpt_convert's key tables, in eval mode, no grad."""
+  through the converters' key tables, in eval mode, no grad."""
   import numpy as np
   import torch
   import transformers
   from torch import nn
 
   import vision_path as V
-  from ckpt_convert import core, hf_clip, vdim
-  from ckpt_convert.llava_uhd import projector_table
+  from hiwin_jax.convert import core, hf_clip, vdim
+  from hiwin_jax.convert.llava_uhd import projector_table
   from jbu import torch_jbu_stack
   m = cfg.model
   proj = m.projector
@@ -236,7 +236,7 @@ def run_torch(args, batch: int) -> dict:
   import transformers
   from flax import nnx
 
-  from ckpt_convert import core, hf_llama
+  from hiwin_jax.convert import core, hf_llama
   from hiwin_jax import weights
   from hiwin_jax.infer import generate as G
   from hiwin_jax.models import roi_align

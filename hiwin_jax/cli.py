@@ -166,7 +166,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 # --- handlers ---------------------------------------------------------------------------------
 
 def _convert(args, overrides) -> int:
-  from ckpt_convert import formats, llava_uhd
+  from hiwin_jax.convert import formats, llava_uhd
   from hiwin_jax import config, weights
   official = args.format == "llava-uhd"
   section = "model" if official else formats.FORMATS[args.format].section
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("jax", "absl", "orbax"):  # backend probing, checkpoint bookkeeping: not news
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from ckpt_convert.safetensors_io import CheckpointError
+  from hiwin_jax.convert.safetensors_io import CheckpointError
   from hiwin_jax.data.image import ImageError
   try:
     return HANDLERS[args.command](args, overrides)

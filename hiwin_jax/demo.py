@@ -76,7 +76,7 @@ def _stage_cfg(name: str, task, out: pathlib.Path, overrides, *, data_json=None,
 
 def _initial_model(cfg, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """Random tiny model -> `init/` (hiwin checkpoint) and its ViT in the HF CLIP layout."""
-  from ckpt_convert import formats
+  from hiwin_jax.convert import formats
   from hiwin_jax.models.layers import Precision
   from hiwin_jax.models.llava_uhd import LlavaUHD
   model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(SEED))
@@ -123,7 +123,7 @@ def _evaluate(checkpoint_dir: pathlib.Path, task, out: pathlib.Path, name: str) 
 
 def _check_official_export(final: pathlib.Path, official: pathlib.Path, cfg_model) -> int:
   """The exported official PyTorch checkpoint, converted back, equals the trained params."""
-  from ckpt_convert import llava_uhd
+  from hiwin_jax.convert import llava_uhd
   ours, _ = weights.read_params(final)
   _, back = llava_uhd.import_official(official, None, cfg_model)
   missing = sorted(set(ours) - set(back))

@@ -149,7 +149,7 @@ def load_model(checkpoint: str | pathlib.Path, config_name: str = "vicuna7b",
     cfg_model = config.model_from_dict(saved["model"])
   elif (folder / "config.json").is_file():
     # Imported here: the converters read parameter trees through this module.
-    from ckpt_convert import llava_uhd
+    from hiwin_jax.convert import llava_uhd
     base = config.load_config(config_name, overrides).model
     cfg_model, params = llava_uhd.import_official(folder, dtype, base)
   else:

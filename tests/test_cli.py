@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ckpt_convert.safetensors_io import SafetensorsReader, write_sharded
 from hiwin_jax import cli, config
+from hiwin_jax.convert.safetensors_io import SafetensorsReader, write_sharded
 from test_llava_convert import tiny_config_json, tiny_model_cfg, tiny_shapes
 
 

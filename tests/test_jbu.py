@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert.vdim import jbu_shapes, load_jbu
+from hiwin_jax.convert.vdim import jbu_shapes, load_jbu
 from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS, adaptive_conv
 from hiwin_jax.models.jbu import JBUStack, dropout2d
 from hiwin_jax.models.layers import Precision

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert import core, formats, hf_llama
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from hiwin_jax import config as C
 from hiwin_jax import weights
+from hiwin_jax.convert import core, formats, hf_llama
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llama import LlamaModel
 from numerics import assert_close, max_rel_err

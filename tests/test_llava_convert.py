@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ckpt_convert import llava_uhd as L
-from ckpt_convert.safetensors_io import CheckpointError, write_sharded
 from hiwin_jax import config as C
+from hiwin_jax.convert import llava_uhd as L
+from hiwin_jax.convert.safetensors_io import CheckpointError, write_sharded
 
 
 def official_shapes(e, c, layers, vocab, mlp, vision_layers, vision_mlp, grid=24, patch=14,

@@ -21,10 +21,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from ckpt_convert import core
-from ckpt_convert import llava_uhd as L
 from hiwin_jax import config as C
 from hiwin_jax import weights
+from hiwin_jax.convert import core
+from hiwin_jax.convert import llava_uhd as L
 from hiwin_jax.data import buckets as BK
 from hiwin_jax.data import layout as LY
 from hiwin_jax.data import slicing

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert.safetensors_io import CheckpointError
-from ckpt_convert.vdim import (MM_PROJECTOR_PREFIX, UPSAMPLER_PREFIX, export_jbu, import_vdim,
-                               jbu_arrays, jbu_shapes, load_jbu, read_torch_tensors,
-                               write_vdim_ckpt)
 from hiwin_jax import weights
+from hiwin_jax.convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.vdim import (MM_PROJECTOR_PREFIX, UPSAMPLER_PREFIX, export_jbu,
+                                    import_vdim, jbu_arrays, jbu_shapes, load_jbu,
+                                    read_torch_tensors, write_vdim_ckpt)
 from hiwin_jax.models.jbu import JBUStack
 from hiwin_jax.models.layers import Precision
 

@@ -341,7 +341,7 @@ def test_clip_is_frozen_not_checkpointed_and_the_jbu_exports_to_official_keys(ti
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), params_before,
                        jax.tree.map(np.array, state["params"]))
   assert all(jax.tree.leaves(moved)), "a trainable parameter did not move"
-  from ckpt_convert.vdim import export_jbu
+  from hiwin_jax.convert.vdim import export_jbu
   official = export_jbu(task.model(state).upsampler)
   assert len(official) == 22 and official["upsampler.fixup_proj.1.weight"].shape == (64, 64, 1, 1)
   meta = ocp.StandardCheckpointer().metadata(out / "checkpoints" / "30" / "state")
@@ -354,7 +354,7 @@ def test_clip_is_frozen_not_checkpointed_and_the_jbu_exports_to_official_keys(ti
 @pytest.mark.torch
 def test_export_writes_final_and_the_official_vdim_ckpt_with_the_same_jbu(tmp_path):
   pytest.importorskip("torch")
-  from ckpt_convert.vdim import import_vdim
+  from hiwin_jax.convert.vdim import import_vdim
   task = vdim.VdimTrainer(_tiny("--config.export.official=True"), devices=jax.devices()[:1])
   final = task.export(task.init_state(), tmp_path)
   ours, saved = weights.read_params(final)

@@ -357,7 +357,7 @@ def vdim_jbu_params(path: str, model_cfg) -> dict[str, np.ndarray]:
   checkpoint) or from an official VDIM Lightning `.ckpt`."""
   p = pathlib.Path(path)
   if p.is_file():
-    from ckpt_convert import vdim
+    from hiwin_jax.convert import vdim
     proj = model_cfg.projector
     stack = vdim.import_vdim(p, Precision(), feat_dim=proj.kv_dim, scale=proj.jbu_scale)
     return weights.model_params(stack)
@@ -429,7 +429,7 @@ class LlavaTask:
     if self.cfg.export.official:
       from jax.experimental import multihost_utils
 
-      from ckpt_convert import llava_uhd
+      from hiwin_jax.convert import llava_uhd
       host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
               if jax.process_count() > 1 else np.asarray(v) for k, v in params.items()}
       if jax.process_index() == 0:

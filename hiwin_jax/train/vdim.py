@@ -90,7 +90,7 @@ def build_clip(cfg, precision: Precision) -> ClipVisionTower:
   """The frozen featurizer `model.vision`: HF CLIP weights from `cfg.init.vision`, else random
   (warned)."""
   if cfg.init.vision:
-    from ckpt_convert import formats
+    from hiwin_jax.convert import formats
     _, clip = formats.import_model("hf-clip", cfg.init.vision, precision, cfg=cfg.model.vision)
     return clip
   log.warning("init.vision is empty: the CLIP featurizer is randomly initialised (seed %d), so "
@@ -197,7 +197,7 @@ class VdimTrainer:
         out / "final", {f"jbu.{k}": v for k, v in weights.model_params(stack).items()},
         {"format": "vdim", "model": self.cfg.model.to_dict()})
     if self.cfg.export.official:
-      from ckpt_convert import formats, vdim
+      from hiwin_jax.convert import formats, vdim
       (out / "official").mkdir(exist_ok=True)
       vdim.write_vdim_ckpt(out / "official" / "vdim.ckpt",
                            vdim.export_jbu(stack, dtype=formats.np_dtype(self.cfg.export.dtype)),

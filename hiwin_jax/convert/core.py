@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ckpt_convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.safetensors_io import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ckpt_convert import core, hf_clip, hf_llama, vdim
-from ckpt_convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
-from ckpt_convert.formats import dtype_name, np_dtype
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from hiwin_jax import config, weights
+from hiwin_jax.convert import core, hf_clip, hf_llama, vdim
+from hiwin_jax.convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
+from hiwin_jax.convert.formats import dtype_name, np_dtype
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 
 PROJ = "model.mm_projector."
 VISION = "model.vision_tower.vision_tower.vision_model."

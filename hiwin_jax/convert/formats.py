@@ -16,9 +16,9 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from ckpt_convert import core, hf_clip, hf_llama
 from hiwin_jax import config, weights
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
+from hiwin_jax.convert import core, hf_clip, hf_llama
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}

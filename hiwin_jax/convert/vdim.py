@@ -27,9 +27,9 @@ from typing import Mapping
 
 import numpy as np
 
-from ckpt_convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeysUnder, KeyTable, Rule,
-                               to_ours, to_torch)
-from ckpt_convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeysUnder, KeyTable,
+                                    Rule, to_ours, to_torch)
+from hiwin_jax.convert.safetensors_io import CheckpointError
 from hiwin_jax.weights import load_params, model_params, param_targets
 
 UPSAMPLER_PREFIX = "upsampler."  # Lightning VDIM checkpoint, state_dict keys
