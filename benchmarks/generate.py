@@ -10,7 +10,7 @@ Workload: a random 1008x672 RGB image through the eval slicer (max_slice_nums 9,
 3x2 slices of 336x336 + a 406x266 overview), `--prompt-tokens` random text ids around the
 <image> placeholder, the R1 token layout; the batch repeats that request B times (no padding).
 Both sides use the same weights (the JAX model's, random; the PyTorch modules are loaded from
-them through ckpt_convert's key tables), fp32, greedy decoding, no EOS (every row decodes all its
+them through the converters' key tables), fp32, greedy decoding, no EOS (every row decodes all its
 tokens). N = `--new-tokens`.
 
 Columns (median of `--repeats` timed runs after one untimed warm-up; each case in its own process,
@@ -127,19 +127,18 @@ def run_jax(args, batch: int) -> dict:
 def torch_vision(cfg, params: dict):
   """(clip, jbu, hiwin): transformers' CLIPVisionModel and the references
   `tests.reference.jbu.JBU4xStack(conv="shift")` and `tests.reference.hiwin.Hiwin`, carrying our
-  weights `params` (`core.model_params`) through ckpt_convert's key tables, in eval mode, no
+  weights `params` (`weights.model_params`) through the converters' key tables, in eval mode, no
   grad."""
   import numpy as np
   import torch
   import transformers
 
-  from ckpt_convert import core, hf_clip, vdim
-  from ckpt_convert.llava_uhd import projector_table
-  from hiwin_jax import config as C
+  from hiwin_jax.convert import core, hf_clip, vdim
+  from hiwin_jax.convert.llava_uhd import projector_table
   from tests.reference.hiwin import GRID, Hiwin
   from tests.reference.jbu import JBU4xStack
   m = cfg.model
-  proj = C.resolved_projector(m)
+  proj = m.projector
   if (proj.grid_size, proj.feature_scale_mask, proj.jbu_scale, m.vision.select_layer) != (
       GRID, 7, 4, -2):
     raise ValueError("the PyTorch path is the 12x12-query, 1x/2x/4x, JBU 4x, layer -2 model; "
@@ -202,8 +201,8 @@ def run_torch(args, batch: int) -> dict:
   import transformers
   from flax import nnx
 
-  from ckpt_convert import core, hf_llama
-  from hiwin_jax import config as C
+  from hiwin_jax.convert import core, hf_llama
+  from hiwin_jax import weights
   from hiwin_jax.infer import generate as G
   from tests.numerics import max_rel_err
   from tests.reference import clip as clip_ref
@@ -214,7 +213,7 @@ def run_torch(args, batch: int) -> dict:
   cfg, model, host = build(args.config, batch, args.prompt_tokens)
   if not np.all(host["attention_mask"]):
     raise ValueError("expected unpadded rows (the last position is every row's prompt end)")
-  params = core.model_params(model)
+  params = weights.model_params(model)
   clip, jbu, hiwin = torch_vision(cfg, params)
   llm_cfg = cfg.model.llm
   hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_llama.llm_to_hf_config(llm_cfg).items()
@@ -227,8 +226,7 @@ def run_torch(args, batch: int) -> dict:
   hf.config._attn_implementation = "eager"
   hf.requires_grad_(False)
 
-  proj = C.resolved_projector(cfg.model)
-  grid = int(proj.grid_size)
+  grid = int(cfg.model.projector.grid_size)
   patch = int(cfg.model.vision.patch_size)
   groups, index, slots = torch_items(host, patch, grid * grid)
   is_image = (index >= 0)[..., None]

@@ -91,8 +91,7 @@ LR = 1e-5
 
 def make_config(size: str, device: str, llm_layers: int | None, remat: str = "none"):
   from hiwin_jax import config as C
-  from hiwin_jax.train import trainer as T
-  cfg = C.load_config("tiny_stage2")
+  cfg = C.from_file("tiny_stage2")
   if size == "1b":
     cfg.model.vision.update(VIT_B)
     cfg.model.llm.update(LLM_1B, num_layers=llm_layers or (GPU_LLM_LAYERS if device == "gpu"
@@ -102,7 +101,8 @@ def make_config(size: str, device: str, llm_layers: int | None, remat: str = "no
   cfg.model.vision.remat = cfg.model.llm.remat = remat
   cfg.train.optimizer.update(lr=LR, schedule="constant", weight_decay=0.0, grad_clip=1.0)
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-  assert tuple(cfg.train.trainable) == T.SFT_TRAINABLE and tuple(cfg.train.frozen) == T.SFT_FROZEN
+  C.resolve_model(cfg.model)  # after the geometry changes: the projector follows the towers
+  assert tuple(cfg.train.trainable) == tuple(C.load_config("stage2_sft").train.trainable)
   return cfg
 
 
@@ -146,11 +146,12 @@ def step_flops(cfg, host) -> float:
   """`Trainer.flops(host)` without building the model (the same function the trainer calls)."""
   from flax import nnx
   from hiwin_jax.models.layers import Precision
+  from hiwin_jax import weights
   from hiwin_jax.models.llava_uhd import LlavaUHD
   from hiwin_jax.train import trainer as T
   abstract = nnx.eval_shape(lambda: LlavaUHD(cfg.model, Precision.from_config(
       cfg.model.precision), rngs=nnx.Rngs(0)))
-  paths = T.flat_paths(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  paths = list(weights.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), "/"))
   return T.model_flops(cfg.model, host, T.ParamRules.from_config(cfg.train), paths)
 
 
@@ -206,11 +207,10 @@ def torch_model(cfg):
   """(clip, jbu, hiwin, llama) with the stage-2 trainable set; random weights."""
   import transformers
 
-  from hiwin_jax import config as C
   from tests.reference.hiwin import Hiwin
   from tests.reference.jbu import JBU4xStack
   v, m = cfg.model.vision, cfg.model.llm
-  proj = C.resolved_projector(cfg.model)
+  proj = cfg.model.projector
   assert proj.feature_scale_mask == 7 and v.select_layer == -2
   clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
       hidden_size=v.hidden_size, intermediate_size=v.mlp_dim, num_hidden_layers=v.num_layers,

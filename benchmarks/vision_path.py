@@ -95,7 +95,7 @@ def image_items():
 def model_config(dims: dict):
   """The 7B config (`configs/vicuna7b.py`) in fp32, widths from `dims`, a tiny stand-in LLM."""
   from hiwin_jax import config as C
-  cfg = C.load_config("vicuna7b")
+  cfg = C.from_file("vicuna7b")
   m = cfg.model
   m.precision.dtype = "float32"
   m.vision.remat = m.llm.remat = "none"  # inference: no backward pass, remat would be a no-op
@@ -106,6 +106,7 @@ def model_config(dims: dict):
   m.projector.embed_dim, m.projector.num_heads = dims["embed"], dims["heads"]
   m.llm.update(vocab_size=32, hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1,
                head_dim=64, mlp_dim=64)
+  C.resolve_model(m)  # kv_dim follows the ViT width set above
   return cfg
 
 

@@ -1,10 +1,10 @@
 """CLIP-ViT-L/14-336 + Qwen2-7B (the R2 Qwen2 checkpoint): GQA 28/4, q/k/v bias, theta 1e6."""
 
-from hiwin_jax import config as C
+from hiwin_jax import config
 
 
 def get_config():
-  cfg = C.base_config()
+  cfg = config.base_config()
   cfg.name = "qwen2_7b"
   cfg.model.precision.dtype = "bfloat16"
   cfg.model.vision.remat = "full"

@@ -1,10 +1,10 @@
 """CLIP-ViT-L/14-336 + Vicuna-13B v1.5 (the R2 13B checkpoint)."""
 
-from hiwin_jax import config as C
+from hiwin_jax import config
 
 
 def get_config():
-  cfg = C.base_config()
+  cfg = config.base_config()
   cfg.name = "vicuna13b"
   cfg.model.precision.dtype = "bfloat16"
   cfg.model.vision.remat = "full"

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hiwin_jax import config as C
+from hiwin_jax import config, weights
 from hiwin_jax.data import synthetic
 from hiwin_jax.data.slicing import TRAIN_MAX_SLICE_NUMS
 
@@ -59,10 +59,10 @@ MODEL_OVERRIDES = [f"--config.model.vision.image_size={VIEW}"]
 
 
 def _stage_cfg(name: str, task, out: pathlib.Path, overrides, *, data_json=None, steps: int,
-               batch: int = BATCH, **extra) -> C.ConfigDict:
+               batch: int = BATCH, **extra) -> config.ConfigDict:
   if data_json is None:
     data_json = task.pretrain_json if name == "tiny_stage1" else task.sft_json
-  cfg = C.load_config(name, [f"--config.data.json={data_json}",
+  cfg = config.load_config(name, [f"--config.data.json={data_json}",
                              f"--config.data.image_folder={task.image_folder}",
                              f"--config.data.tokenizer={out / 'tokenizer'}",
                              f"--config.data.global_batch_size={batch}",
@@ -70,59 +70,60 @@ def _stage_cfg(name: str, task, out: pathlib.Path, overrides, *, data_json=None,
                              f"--config.train.num_steps={steps}",
                              "--config.mesh.data=-1", *MODEL_OVERRIDES, *overrides])
   for key, value in extra.items():
-    C.apply_overrides(cfg, [f"--config.{key}={value}"])
+    config.apply_overrides(cfg, [f"--config.{key}={value}"])
   return cfg
 
 
 def _initial_model(cfg, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """Random tiny model -> `init/` (hiwin checkpoint) and its ViT in the HF CLIP layout."""
-  from ckpt_convert import core, formats
+  from hiwin_jax.convert import formats
   from hiwin_jax.models.layers import Precision
   from hiwin_jax.models.llava_uhd import LlavaUHD
-  from hiwin_jax.train import checkpoint
   model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(SEED))
-  init = checkpoint.write_params(out / "init", core.model_params(model),
-                                 {"format": "llava-uhd", "model": cfg.model.to_dict()})
+  init = weights.write_params(out / "init", weights.model_params(model),
+                              {"format": "llava-uhd", "model": cfg.model.to_dict()})
   clip = out / "init_clip_hf"
   formats.export_model("hf-clip", model.vision, cfg.model.vision, clip)
   return init, clip
 
 
 def _stage0(cfg_model, clip: pathlib.Path, out: pathlib.Path) -> dict:
-  from hiwin_jax.train import vdim
-  cfg = C.load_config("vdim_stage0_tiny")
-  cfg.vision = C.ConfigDict(cfg_model.vision.to_dict())
-  cfg.vision_weights = str(clip)
-  cfg.steps = STEPS["stage0"]
-  cfg.data.update(image_size=112, batch_size=2)  # 8x8 patches: positions resized from 12x12
-  cfg.loss.max_pad = 10
-  cfg.checkpoint.update(every=STEPS["stage0"], keep=1)
-  return vdim.run_vdim(cfg, out / "stage0")
+  """Stage 0 on the model's own ViT (read back from the HF CLIP layout) at 112 px: 8x8
+  patches, the position table resized from 12x12."""
+  from hiwin_jax.train import loop
+  from hiwin_jax.train.vdim import VdimTrainer
+  cfg = config.load_config("vdim_stage0_tiny", [
+      f"--config.init.vision={clip}", f"--config.train.num_steps={STEPS['stage0']}",
+      "--config.data.image_size=112", "--config.data.global_batch_size=2",
+      "--config.train.vdim_loss.max_pad=10", f"--config.checkpoint.every={STEPS['stage0']}",
+      "--config.checkpoint.keep=1"])
+  cfg.model = config.ConfigDict(cfg_model.to_dict())
+  return loop.run(VdimTrainer(cfg), out / "stage0")
 
 
 def _evaluate(checkpoint_dir: pathlib.Path, task, out: pathlib.Path, name: str) -> dict:
   """Greedy answers to the held-out questions (the `hiwin eval` code path) and their score."""
   from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
-  from hiwin_jax.infer import evaluate as E
+  from hiwin_jax.infer import evaluate
   from hiwin_jax.infer.generate import GenerationConfig
-  model, cfg_model = E.load_model(str(checkpoint_dir))
+  model, cfg_model = weights.load_model(checkpoint_dir)
   tok = LlamaSpmTokenizer(out / "tokenizer")
   answers = out / f"answers_{name}.jsonl"
   answers.unlink(missing_ok=True)
-  E.answer_questions(model, tok, cfg_model, task.eval_jsonl, task.image_folder, answers,
-                     gen=GenerationConfig(max_new_tokens=4, eos_token_id=2),
-                     settings=E.EvalSettings(batch_size=16, model_id=name, pre_resize=False,
-                                             max_slice_nums=TRAIN_MAX_SLICE_NUMS),
-                     progress=False)
-  return {"score": E.score(task.eval_jsonl, answers, "normalized", chance=task.chance),
-          "answers": E.read_jsonl(answers)}
+  evaluate.answer_questions(model, tok, cfg_model, task.eval_jsonl, task.image_folder, answers,
+                            gen=GenerationConfig(max_new_tokens=4, eos_token_id=2),
+                            settings=evaluate.EvalSettings(batch_size=16, model_id=name,
+                                                           pre_resize=False,
+                                                           max_slice_nums=TRAIN_MAX_SLICE_NUMS),
+                            progress=False)
+  return {"score": evaluate.score(task.eval_jsonl, answers, "normalized", chance=task.chance),
+          "answers": evaluate.read_jsonl(answers)}
 
 
 def _check_official_export(final: pathlib.Path, official: pathlib.Path, cfg_model) -> int:
   """The exported official PyTorch checkpoint, converted back, equals the trained params."""
-  from ckpt_convert import llava_uhd
-  from hiwin_jax.train import checkpoint
-  ours, _ = checkpoint.read_params(final)
+  from hiwin_jax.convert import llava_uhd
+  ours, _ = weights.read_params(final)
   _, back = llava_uhd.import_official(official, None, cfg_model)
   missing = sorted(set(ours) - set(back))
   if missing:
@@ -151,7 +152,7 @@ def run(config: str, overrides, out: str | pathlib.Path) -> int:
         flush=True)
 
   task = synthetic.write_task(out / "task", N_TRAIN, N_EVAL, seed=SEED, image_size=IMAGE_SIZE,
-                              mark_size=MARK_SIZE, background=BACKGROUND, scale_resolution=VIEW)
+                       mark_size=MARK_SIZE, background=BACKGROUND, scale_resolution=VIEW)
   synthetic.make_tokenizer(out / "tokenizer", task.texts())
   print(f"task: {task.n_train} training / {task.n_eval} held-out images of {task.image_size}, "
         f"slice grid {task.grid}; questions: colour of a small mark (4 answers), its side "
@@ -173,6 +174,7 @@ def run(config: str, overrides, out: str | pathlib.Path) -> int:
   timings["eval_untrained"] = time.perf_counter() - t
 
   from hiwin_jax.train import loop
+  from hiwin_jax.train.trainer import LlavaTask
   t = time.perf_counter()
   print("\n== text warm-up of the LLM (questions with a caption in place of the image) ==",
         flush=True)
@@ -181,7 +183,7 @@ def run(config: str, overrides, out: str | pathlib.Path) -> int:
                      **{"init.checkpoint": init, "train.optimizer.lr": WARMUP_LR})
   cfg_w.name = "tiny_text_warmup"
   cfg_w.train.update(trainable=["llm/.*"], frozen=[])
-  sw = loop.run_training(cfg_w, out / "warmup")
+  sw = loop.run(LlavaTask(cfg_w), out / "warmup")
   timings["warmup"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -189,7 +191,7 @@ def run(config: str, overrides, out: str | pathlib.Path) -> int:
   cfg1 = _stage_cfg("tiny_stage1", task, out, overrides, steps=STEPS["stage1"],
                     **{"init.checkpoint": sw["final"], "init.vdim": out / "stage0",
                        "train.optimizer.lr": STAGE1_LR})
-  s1 = loop.run_training(cfg1, out / "stage1")
+  s1 = loop.run(LlavaTask(cfg1), out / "stage1")
   timings["stage1"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -198,7 +200,7 @@ def run(config: str, overrides, out: str | pathlib.Path) -> int:
                     **{"train.optimizer.lr": STAGE2_LR, "init.checkpoint": s1["final"],
                        "init.vdim": out / "stage0", "export.official": True,
                        "export.dtype": "float32"})
-  s2 = loop.run_training(cfg2, out / "stage2")
+  s2 = loop.run(LlavaTask(cfg2), out / "stage2")
   timings["stage2"] = time.perf_counter() - t
 
   t = time.perf_counter()

@@ -6,18 +6,44 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ckpt_convert.safetensors_io import SafetensorsReader, write_sharded
-from hiwin_jax import cli
+from hiwin_jax import cli, config
+from hiwin_jax.convert.safetensors_io import SafetensorsReader, write_sharded
 from hiwin_jax.config import load_config
 from tests.reference.checkpoint import config_json, model_shapes
 
 
-@pytest.mark.parametrize("sub", ["demo", "convert", "train"])
-def test_every_subcommand_has_help(sub, capsys):
+@pytest.mark.parametrize("sub,default", [("demo", "tiny"), ("convert", "vicuna7b"),
+                                         ("train", "vdim_stage0_tiny"), ("generate", "vicuna7b"),
+                                         ("eval", "vicuna7b"), ("aot", "stage2_sft")])
+def test_every_subcommand_has_help_naming_its_default_config_and_the_configs(sub, default,
+                                                                             capsys):
   with pytest.raises(SystemExit) as e:
     cli.main([sub, "--help"])
   assert e.value.code == 0
-  assert "--config" in capsys.readouterr().out
+  text = " ".join(capsys.readouterr().out.split())
+  assert f"(default: {default})" in text, text
+  kind = cli.STAGE_CONFIGS if sub in ("train", "aot") else cli.MODEL_CONFIGS
+  assert ", ".join(kind) in text, text
+
+
+def test_demo_help_is_the_demo_modules_own_description(capsys):
+  from hiwin_jax import demo
+  with pytest.raises(SystemExit):
+    cli.main(["demo", "--help"])
+  text = capsys.readouterr().out
+  assert demo.__doc__.splitlines()[0] in text
+  assert "stage 0" in text and "held-out accuracy" in text
+
+
+def test_the_cli_config_lists_match_the_configs_folder():
+  kinds = {name: "train" in config.from_file(name) for name in config.known_configs()}
+  assert sorted(cli.MODEL_CONFIGS) == sorted(n for n, stage in kinds.items() if not stage)
+  assert sorted(cli.STAGE_CONFIGS) == sorted(n for n, stage in kinds.items() if stage)
+
+
+def test_train_with_a_model_config_names_the_stage_configs():
+  with pytest.raises(SystemExit, match="stage1_pretrain"):
+    cli.main(["train", "--config", "tiny", "--out", "unused"])
 
 
 def test_official_checkpoint_round_trip_through_the_cli(tmp_path):

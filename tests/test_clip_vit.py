@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert import core, formats, hf_clip
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from hiwin_jax import config as C
+from hiwin_jax import weights
+from hiwin_jax.convert import core, formats, hf_clip
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from hiwin_jax.models.clip_vit import ClipVisionTower
 from hiwin_jax.models.layers import Precision
 from tests.numerics import assert_close, max_rel_err
@@ -52,7 +53,7 @@ def abstract_tower(cfg):
 
 def load(cfg, arrays):
   model = abstract_tower(cfg)
-  core.load_params(model, arrays)
+  weights.load_params(model, arrays)
   return model
 
 
@@ -61,7 +62,7 @@ def random_tower(cfg, seed):
   rng = np.random.default_rng(seed)
   arrays = {k: (rng.uniform(0.5, 1.5, shape) if k.endswith("scale") else
                 rng.normal(0.0, 0.5 if k == "position_embedding" else 0.1, shape)).astype(dtype)
-            for k, (shape, dtype) in core.param_targets(abstract_tower(cfg)).items()}
+            for k, (shape, dtype) in weights.param_targets(abstract_tower(cfg)).items()}
   return load(cfg, arrays)
 
 
@@ -97,7 +98,7 @@ def hf(torch):
 def ours(hf):
   _, state, cfg = hf
   return load(cfg, core.to_ours(hf_clip.clip_table(cfg, prefix=""), core.DictSource(state),
-                                core.param_targets(abstract_tower(cfg))))
+                                weights.param_targets(abstract_tower(cfg))))
 
 
 def hf_features(torch, model, pixels_hwc, layer=-2):
@@ -133,7 +134,7 @@ def test_select_layer_indexes_hidden_states_like_hf(torch, hf, select_layer):
   model, state, cfg = hf
   cfg = vision_cfg(**{**cfg, "select_layer": select_layer})
   tower = load(cfg, core.to_ours(hf_clip.clip_table(cfg, prefix=""), core.DictSource(state),
-                                 core.param_targets(abstract_tower(cfg))))
+                                 weights.param_targets(abstract_tower(cfg))))
   pix = images(0)[(24, 24)]
   feats, _ = encode(tower, pix[None])
   assert_close(feats, hf_features(torch, model, pix, select_layer), TOL,
@@ -214,8 +215,8 @@ def test_conversion_round_trip_is_bit_exact(hf, prefix):
   state = _prefixed(state, prefix)
   table = hf_clip.clip_table(cfg, prefix=prefix)
   model = load(cfg, core.to_ours(table, core.DictSource(state),
-                                 core.param_targets(abstract_tower(cfg))))
-  back = dict(core.to_torch(table, core.model_params(model)))
+                                 weights.param_targets(abstract_tower(cfg))))
+  back = dict(core.to_torch(table, weights.model_params(model)))
   assert set(back) == {k for k in state if "position_ids" not in k}
   for key, value in back.items():
     assert value.dtype == state[key].dtype and value.shape == state[key].shape, key
@@ -234,7 +235,7 @@ def test_import_reads_both_hf_layouts(hf, ours, tmp_path, layout):
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
   cfg2, imported = formats.import_model("hf-clip", tmp_path, Precision.parity())
   assert {k: cfg2[k] for k in cfg} == dict(cfg)
-  a, b = core.model_params(imported), core.model_params(ours)
+  a, b = weights.model_params(imported), weights.model_params(ours)
   for key in b:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
@@ -262,7 +263,7 @@ def test_export_in_bfloat16_round_trips(hf, ours, tmp_path):
   formats.export_model("hf-clip", ours, cfg, tmp_path, "bfloat16")
   assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
   _, back = formats.import_model("hf-clip", tmp_path, Precision.parity())
-  a, b = core.model_params(back), core.model_params(ours)
+  a, b = weights.model_params(back), weights.model_params(ours)
   for key in b:
     np.testing.assert_array_equal(a[key], b[key].astype(ml_dtypes.bfloat16).astype(np.float32),
                                   err_msg=key)

@@ -8,14 +8,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from ckpt_convert import core
 from hiwin_jax import cli
 from hiwin_jax import config as C
+from hiwin_jax import weights
 from hiwin_jax.data import image, slicing
 from hiwin_jax.infer import evaluate, requests
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llava_uhd import LlavaUHD
-from hiwin_jax.train import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +24,8 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
   cfg = C.load_config("tiny")
   model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(0))
-  checkpoint.write_params(root / "ckpt", core.model_params(model),
-                          {"format": "llava-uhd", "model": cfg.model.to_dict()})
+  weights.write_params(root / "ckpt", weights.model_params(model),
+                       {"format": "llava-uhd", "model": cfg.model.to_dict()})
   images = root / "images"
   images.mkdir()
   rng = np.random.default_rng(0)

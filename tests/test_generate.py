@@ -132,7 +132,7 @@ def test_beam_search_equals_exhaustive_search_on_tiny_vocab():
 @pytest.mark.torch
 def test_beam_search_matches_transformers_generate(torch):
   transformers = pytest.importorskip("transformers")
-  from ckpt_convert import core, formats, hf_llama
+  from hiwin_jax.convert import core, formats, hf_llama
   torch.manual_seed(0)
   config = transformers.LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4,

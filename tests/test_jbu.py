@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert.vdim import jbu_shapes, load_jbu
+from hiwin_jax.convert.vdim import jbu_shapes, load_jbu
 from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS, adaptive_conv
 from hiwin_jax.models.jbu import JBUStack, dropout2d
 from hiwin_jax.models.layers import Precision
@@ -483,9 +483,10 @@ def test_official_grad_bug_masks_exactly_the_filter_cotangent_of_the_jbu_step():
                                 np.asarray(run_step(correct, source, guidance)))
 
 
-def test_official_grad_bug_reaches_every_level_of_the_stack_and_the_stage0_model():
-  from configs.vdim_stage0 import get_config
-  from hiwin_jax.train.vdim import VdimModel
+def test_official_grad_bug_reaches_every_level_of_the_stack_and_both_models():
+  from hiwin_jax import config
+  from hiwin_jax.models.llava_uhd import LlavaUHD
+  from hiwin_jax.models.vdim import VdimModel
 
   for flag in (False, True):
     s = JBUStack(8, scale=8, precision=Precision.parity(), official_grad_bug=flag,
@@ -494,8 +495,11 @@ def test_official_grad_bug_reaches_every_level_of_the_stack_and_the_stage0_model
     m = VdimModel(8, image_size=28, patch_size=14, scale=4, precision=Precision.parity(),
                   conv_impl="xla", official_grad_bug=flag, rngs=nnx.Rngs(0))
     assert [m.upsampler.up1.official_grad_bug, m.upsampler.up2.official_grad_bug] == [flag] * 2
+    cfg = config.load_config("tiny", [f"--config.model.projector.jbu_official_grad_bug={flag}"])
+    llava = nnx.eval_shape(lambda: LlavaUHD(cfg.model, Precision.parity(), rngs=nnx.Rngs(0)))
+    assert [llava.jbu.up1.official_grad_bug, llava.jbu.up2.official_grad_bug] == [flag] * 2
   assert not JBUStack(8, precision=Precision.parity(), rngs=nnx.Rngs(0)).up2.official_grad_bug
-  assert get_config().jbu.official_grad_bug is False
+  assert config.load_config("vdim_stage0").model.projector.jbu_official_grad_bug is False
 
 
 # --- memory -------------------------------------------------------------------------------------

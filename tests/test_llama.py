@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert import core, formats, hf_llama
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from hiwin_jax import config as C
+from hiwin_jax import weights
+from hiwin_jax.convert import core, formats, hf_llama
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llama import LlamaModel
 from tests.numerics import assert_close, max_rel_err
@@ -156,7 +157,7 @@ def test_inputs_embeds_path_equals_ids_path(ours):
 def test_state_dict_round_trip_is_bit_exact(hf_models, ours, name):
   _, state, cfg = hf_models[name]
   table = hf_llama.llama_table(cfg)
-  exported = dict(core.to_torch(table, core.model_params(ours[name])))
+  exported = dict(core.to_torch(table, weights.model_params(ours[name])))
   expected_keys = set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
   assert set(exported) == expected_keys
   for key, value in exported.items():
@@ -197,8 +198,8 @@ def test_import_hf_folder_reproduces_model(tmp_path, hf_models, ours):
   model.save_pretrained(tmp_path)
   cfg_in, imported = formats.import_model("hf-llm", tmp_path, Precision.parity())
   assert dict(cfg_in) == dict(cfg)
-  want = core.model_params(ours["qwen2_tied"])
-  got = core.model_params(imported)
+  want = weights.model_params(ours["qwen2_tied"])
+  got = weights.model_params(imported)
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)

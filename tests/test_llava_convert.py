@@ -10,9 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ckpt_convert import llava_uhd
-from ckpt_convert.safetensors_io import CheckpointError, write_sharded
 from hiwin_jax import config as C
+from hiwin_jax.convert import llava_uhd
+from hiwin_jax.convert.safetensors_io import CheckpointError, write_sharded
 from tests.reference.checkpoint import config_json, model_shapes, official_shapes
 
 

@@ -17,20 +17,20 @@ Our side gets the same photos through the host pipeline (`slice_image`, `clip_no
 several shape buckets, padded slots and right-padded rows.
 """
 
-import functools
-
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
-from ckpt_convert import core
-from ckpt_convert import llava_uhd
 from hiwin_jax import config as C
+from hiwin_jax import weights
+from hiwin_jax.convert import core
+from hiwin_jax.convert import llava_uhd
 from hiwin_jax.data import buckets as BK
 from hiwin_jax.data import layout as LY
 from hiwin_jax.data import slicing
 from hiwin_jax.data.image import clip_normalize
+from hiwin_jax.infer.generate import GenerationConfig, generate
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llava_uhd import LlavaUHD
 from tests.numerics import max_rel_err
@@ -95,16 +95,16 @@ def setup():
   """(cfg.model, official state dict, our model, torch pieces)."""
   import transformers
   cfg = C.load_config("tiny").model
-  proj = C.resolved_projector(cfg)
+  proj = cfg.projector
   assert proj.layout == "r1"
   model = nnx.eval_shape(lambda: LlavaUHD(cfg, Precision.parity(), rngs=nnx.Rngs(0)))
-  targets = core.param_targets(model)
+  targets = weights.param_targets(model)
   state = dict(llava_uhd.official_tensors(random_params(targets), cfg))
   assert all(k.startswith(("model.", "lm_head.")) for k in state)
 
   # Ours: the official state dict through the converter into the abstract model.
-  core.load_params(model, core.to_ours(llava_uhd.llava_table(cfg), core.DictSource(state),
-                                       targets))
+  weights.load_params(model, core.to_ours(llava_uhd.llava_table(cfg), core.DictSource(state),
+                                          targets))
 
   # PyTorch: each piece from its own official keys.
   v, m = cfg.vision, cfg.llm
@@ -316,10 +316,10 @@ def test_logits_match_torch_composition(setup, sliced, image_tokens, layout):
   print(f"{layout}: max relative logit error over the batch {worst:.2e}")
 
 
-@pytest.mark.skipif(not hasattr(LlavaUHD, "generate"), reason="LlavaUHD has no generate")
 def test_generate_matches_full_recompute(setup, sliced, image_tokens):
-  """Greedy decoding with the KV cache (jit, rows of different lengths right-padded, an image in
-  the prompt) == greedy decoding by a full forward of the PyTorch composition per new token.
+  """Greedy decoding with the KV cache (`infer.generate`: jit, rows of different lengths
+  right-padded, an image in the prompt) == greedy decoding by a full forward of the PyTorch
+  composition per new token.
 
   A one-bucket batch keeps the extra compilation small; the recompute runs the torch reference
   (no cache), whose logits agree with ours to ~1e-6 relative, far below the top-2 margins."""
@@ -327,11 +327,9 @@ def test_generate_matches_full_recompute(setup, sliced, image_tokens):
   batch = host_batch(cfg, sliced, "r1", GENERATE_SAMPLES, seq_len=192)
   lengths = real(batch)
 
-  @functools.partial(nnx.jit, static_argnames="n")
-  def generate(model, batch, n):
-    return model.generate(batch, n)
-
-  tokens = np.asarray(generate(model, batch, NEW_TOKENS))
+  # No EOS: every row decodes all NEW_TOKENS tokens.
+  gen = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
+  tokens = np.asarray(nnx.jit(lambda m, b: generate(m, b, gen).tokens)(model, batch))
   assert tokens.shape == (len(lengths), NEW_TOKENS)
 
   llama = pieces["llama"]

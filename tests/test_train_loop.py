@@ -28,11 +28,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax._src import compilation_cache
 
-from hiwin_jax import config as C
+from hiwin_jax import config, weights
 from hiwin_jax.data import synthetic
-from hiwin_jax.parallel import mesh as M
-from hiwin_jax.train import checkpoint, loop
-from hiwin_jax.train import trainer as T
+from hiwin_jax.parallel import mesh as mesh_lib
+from hiwin_jax.train import loop, trainer
 from tests.numerics import assert_close
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -82,11 +81,12 @@ def stage_args(task, stage=1, *extra):
 
 
 def load_cfg(args, stage=1):
-  return C.load_config(f"tiny_stage{stage}", list(args))
+  return config.load_config(f"tiny_stage{stage}", list(args))
 
 
 def train(args, out, ndev=1, stage=1, **kw):
-  return loop.run_training(load_cfg(args, stage), out, devices=jax.devices()[:ndev], **kw)
+  return loop.run(trainer.LlavaTask(load_cfg(args, stage), devices=jax.devices()[:ndev]), out,
+                  **kw)
 
 
 def metrics(out) -> list[dict]:
@@ -158,8 +158,8 @@ def run_cmd(cmd, env, timeout=600):
 
 def flat_frozen_init(cfg, ndev=1):
   """The frozen parameters a fresh Trainer starts from (dotted path -> numpy)."""
-  tr = T.Trainer(cfg, M.make_mesh(cfg.mesh, jax.devices()[:ndev]),
-                 init_params=loop.initial_params(cfg), total_steps=STEPS)
+  tr = trainer.Trainer(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:ndev]),
+                       init_params=trainer.initial_params(cfg), total_steps=STEPS)
   flat = {k: np.asarray(v) for k, v in tr.params({"params": {}}).items()}
   init = {k: np.asarray(v) for k, v in tr.params({"params": tr._params}).items()}
   return flat, {k: v for k, v in init.items() if k not in flat}, tr
@@ -193,7 +193,7 @@ def check_stage_outputs(out, summary, cfg, trainable_prefix):
   assert got[-2:].mean() < got[:2].mean() - 0.05, f"loss does not fall: {got}"
 
   frozen, trainable_init, tr = flat_frozen_init(cfg)
-  final, _ = checkpoint.read_params(out / "final")
+  final, _ = weights.read_params(out / "final")
   assert set(final) == set(frozen) | set(trainable_init), "final/ lacks parameters"
   assert frozen, "no frozen parameters"
   changed = [k for k in frozen if not np.array_equal(final[k], frozen[k])]
@@ -205,13 +205,12 @@ def check_stage_outputs(out, summary, cfg, trainable_prefix):
   # The checkpoint's optimizer state tracks exactly the trainable parameters.
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(out / "checkpoints" / str(latest_step(out)) / "state").item_metadata.tree
-  opt_paths = {T.path_str(p, ".") for p, _ in jax.tree_util.tree_flatten_with_path(
-      meta["opt_state"])[0]}
+  opt_paths = set(weights.flatten(meta["opt_state"]))
   for name in frozen:
     assert not any(p.endswith("." + name) for p in opt_paths), f"{name} has optimizer state"
   per_param = [p for p in opt_paths if any(p.endswith("." + k) for k in trainable_init)]
   assert len(per_param) == 2 * len(trainable_init), (len(per_param), len(trainable_init))
-  assert set(T.flat_paths(meta["params"])) == {k.replace(".", "/") for k in trainable_init}
+  assert set(weights.flatten(meta["params"])) == set(trainable_init)
   return tr
 
 
@@ -219,7 +218,7 @@ def test_stage1_trains_projector_only_and_exports(baseline, task):
   out, summary, _ = baseline
   check_stage_outputs(out, summary, load_cfg(stage_args(task)), "projector.")
   assert latest_step(out) == STEPS
-  cfg_json = json.loads((out / "final" / checkpoint.CONFIG_NAME).read_text())
+  cfg_json = json.loads((out / "final" / weights.CONFIG_NAME).read_text())
   assert cfg_json["format"] == "llava-uhd"
 
 
@@ -230,8 +229,8 @@ def test_stage2_from_stage1_trains_and_keeps_frozen(baseline, task, tmp_path):
   check_stage_outputs(tmp_path, summary, cfg,
                       ("llm.", "vision.", "projector.", "jbu.fixup_proj."))
   # Stage 2 starts from stage 1's weights: its frozen pos_embed is stage 1's, bit for bit.
-  stage1, _ = checkpoint.read_params(baseline[0] / "final")
-  final, _ = checkpoint.read_params(tmp_path / "final")
+  stage1, _ = weights.read_params(baseline[0] / "final")
+  final, _ = weights.read_params(tmp_path / "final")
   assert np.array_equal(final["projector.pos_embed"], stage1["projector.pos_embed"])
 
 
@@ -255,8 +254,8 @@ def test_stop_after_then_resume_repeats_losses_bit_for_bit(baseline, stopped, ta
   resumed = train(stage_args(task), out)
   assert resumed["start_step"] == STOP and resumed["steps_run"] == STEPS - STOP, resumed
   assert_same_losses(out, baseline[2], what="stopped at 4, resumed")
-  final, _ = checkpoint.read_params(out / "final")
-  expected, _ = checkpoint.read_params(baseline[0] / "final")
+  final, _ = weights.read_params(out / "final")
+  expected, _ = weights.read_params(baseline[0] / "final")
   bad = [k for k in expected if not np.array_equal(final[k], expected[k])]
   assert not bad, f"resumed final parameters differ: {bad[:5]}"
 
@@ -333,8 +332,8 @@ def test_two_processes_match_one(baseline, task, jax_cache, tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert summary["stopped_at"] is None and summary["steps_run"] == STEPS, summary
   assert_same_losses(out, baseline[2], exact=False, what="2 processes vs 1")
-  final, _ = checkpoint.read_params(out / "final")
-  expected, _ = checkpoint.read_params(baseline[0] / "final")
+  final, _ = weights.read_params(out / "final")
+  expected, _ = weights.read_params(baseline[0] / "final")
   assert set(final) == set(expected)
   # Per tensor, Adam turns last-bit gradient differences of near-zero parameters into
   # lr-sized ones; over the whole model, a misplaced shard would still stand out.
@@ -370,7 +369,7 @@ def write_mixed_task(root: pathlib.Path):
 @pytest.mark.slow
 def test_200_mixed_steps_compile_once_per_batch_shape_and_count_skips(jax_cache, tmp_path):
   data_json, images, tok = write_mixed_task(tmp_path / "task")
-  cfg = C.load_config("tiny_stage1", [
+  cfg = config.load_config("tiny_stage1", [
       f"--config.data.json={data_json}", f"--config.data.image_folder={images}",
       f"--config.data.tokenizer={tok}", "--config.data.global_batch_size=2",
       "--config.data.epochs=40", "--config.train.num_steps=200", "--config.checkpoint.every=100",
@@ -381,13 +380,13 @@ def test_200_mixed_steps_compile_once_per_batch_shape_and_count_skips(jax_cache,
     if event == COMPILE_EVENT:
       events.append(event)
 
-  before = {id(f): f._cache_size() for f in T._STEP_CACHE.values()}
+  before = {id(f): f._cache_size() for f in loop._COMPILED.values()}
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    summary = loop.run_training(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    summary = loop.run(trainer.LlavaTask(cfg, devices=jax.devices()[:1]), tmp_path / "run")
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  step_compiles = sum(f._cache_size() - before.get(id(f), 0) for f in T._STEP_CACHE.values())
+  step_compiles = sum(f._cache_size() - before.get(id(f), 0) for f in loop._COMPILED.values())
   rows = metrics(tmp_path / "run")
   assert len(rows) == 200 and summary["steps_run"] == 200
 

@@ -8,25 +8,25 @@ import jax
 import numpy as np
 import pytest
 
-from hiwin_jax import config as C
+from hiwin_jax import config, weights
 from hiwin_jax.data import buckets, layout
-from hiwin_jax.parallel import mesh as M
-from hiwin_jax.train import trainer as T
+from hiwin_jax.parallel import mesh as mesh_lib
+from hiwin_jax.train import trainer
 from tests.numerics import max_rel_err
 
 SEQ = 192
-TOKENS = layout.TokenLayout.from_config(C.load_config("tiny").model.projector)
+TOKENS = layout.TokenLayout.from_config(config.load_config("tiny").model.projector)
 
 
 def tiny_cfg(stage="sft", *, mesh=None, jbu=True):
-  """The tiny model cut down for compile time; `jbu=False` drops the 2x/4x levels (no JBU)."""
-  cfg = C.load_config("tiny")
+  """The tiny stage config cut down for compile time; `jbu=False` drops the 2x/4x levels (no
+  JBU)."""
+  cfg = config.load_config("tiny_stage1" if stage == "pretrain" else "tiny_stage2")
   cfg.model.vision.num_layers = 2 if jbu else 1
   if not jbu:
     cfg.model.projector.feature_scale_mask = 1
   cfg.model.llm.num_layers = 1
   cfg.model.precision.matmul_precision = "highest"
-  cfg.train = T.train_config(stage)
   cfg.train.optimizer.update(lr=3e-3, warmup_ratio=0.0, schedule="constant")
   cfg.train.jbu_dropout = False
   if mesh:
@@ -56,15 +56,16 @@ def host_batch(groups):
   """Micro-batches (lists of samples) -> the trainer's host batch with a leading micro axis."""
   bks = buckets.default_buckets()
   mbs = [buckets.make_batch(g, bks, SEQ, tokens_per_item=TOKENS.tokens_per_item) for g in groups]
-  out = {k: np.stack([m[k] for m in mbs]) for k in T.TEXT_KEYS}
+  out = {k: np.stack([m[k] for m in mbs]) for k in trainer.TEXT_KEYS}
   out["buckets"] = tuple({k: np.stack([m["buckets"][j][k] for m in mbs]) for k in ("pixels", "grid")}
                          for j in range(len(mbs[0]["buckets"])))
   return out
 
 
 def make_trainer(cfg, steps, devices=None):
-  n = int(np.prod([cfg.mesh[a] for a in M.AXES]))
-  return T.Trainer(cfg, M.make_mesh(cfg.mesh, devices or jax.devices()[:n]), total_steps=steps)
+  n = int(np.prod([cfg.mesh[a] for a in mesh_lib.AXES]))
+  return trainer.Trainer(cfg, mesh_lib.make_mesh(cfg.mesh, devices or jax.devices()[:n]),
+                         total_steps=steps)
 
 
 def run(cfg, host, steps, devices=None):
@@ -99,17 +100,17 @@ def sft_run(data4):
 
 def test_rules_select_official_sets():
   cfg = tiny_cfg("sft")
-  rules = T.ParamRules.from_config(cfg.train)
+  rules = trainer.ParamRules.from_config(cfg.train)
   assert rules(["llm", "layers", "attn", "q_proj", "kernel"])
   assert rules(["vision", "patch_embedding"])
   assert rules(["jbu", "fixup_proj", "kernel"])
   assert not rules(["jbu", "up1", "range_temp"])
   assert not rules(["projector", "pos_embed"])
-  pre = T.ParamRules.from_config(T.train_config("pretrain"))
+  pre = trainer.ParamRules.from_config(config.load_config("stage1_pretrain").train)
   assert pre(["projector", "pos_embed"]) and pre(["projector", "query"])
   assert not pre(["llm", "lm_head", "kernel"]) and not pre(["jbu", "fixup_proj", "kernel"])
   with pytest.raises(ValueError, match="not a regular expression"):
-    T.ParamRules(("llm/(",))
+    trainer.ParamRules(("llm/(",))
 
 
 def test_sft_loss_falls_and_frozen_untouched(sft_run):
@@ -119,7 +120,7 @@ def test_sft_loss_falls_and_frozen_untouched(sft_run):
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(frozen_before)[0],
                           jax.tree.leaves(frozen_after)):
     assert np.array_equal(a, np.asarray(b)), f"frozen {path} changed"
-  frozen_paths = set(T.flat_paths(tr.frozen))
+  frozen_paths = set(weights.flatten(tr.frozen, "/"))
   assert "jbu/up1/range_temp" in frozen_paths and "projector/pos_embed" in frozen_paths
   assert "jbu/fixup_proj/kernel" not in frozen_paths
   # Optimizer state exists for the trainable parameters only.
@@ -139,7 +140,7 @@ def test_loss_is_global_token_mean(sft_run):
   model = tr.model({"params": init_params})
   total, count = 0.0, 0
   for i in range(host["input_ids"].shape[0]):
-    mb = {k: host[k][i] for k in T.TEXT_KEYS}
+    mb = {k: host[k][i] for k in trainer.TEXT_KEYS}
     mb["buckets"] = tuple({k: b[k][i] for k in ("pixels", "grid")} for b in host["buckets"])
     logits, _ = model(mb)
     logits = np.asarray(logits, np.float64)[:, :-1]
@@ -175,10 +176,11 @@ def test_eight_devices_match_one(data4):
 
 def test_model_flops_formula():
   # One layer, width 4, mlp 8, kv 4, gated: per token 2*(4*(8+8) + 3*4*8) = 320; attn 4*4*L^2.
-  assert T.tower_flops(1, 4, 8, 4, True, np.array([3])) == 320 * 3 + 16 * 9
+  assert trainer.tower_flops(1, 4, 8, 4, True, np.array([3])) == 320 * 3 + 16 * 9
   cfg = tiny_cfg("pretrain")
   host = host_batch([samples(2)])
   paths = ["projector/query", "llm/lm_head/kernel", "vision/patch_embedding"]
-  pre = T.model_flops(cfg.model, host, T.ParamRules.from_config(cfg.train), paths)
-  sft = T.model_flops(cfg.model, host, T.ParamRules.from_config(T.train_config("sft")), paths)
+  pre = trainer.model_flops(cfg.model, host, trainer.ParamRules.from_config(cfg.train), paths)
+  sft = trainer.model_flops(cfg.model, host,
+                            trainer.ParamRules.from_config(tiny_cfg("sft").train), paths)
   assert sft > pre > 0  # stage 2 trains both towers (x3), stage 1 backprops through the LLM (x2)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ckpt_convert.core import param_targets
-from ckpt_convert.safetensors_io import CheckpointError
-from ckpt_convert.vdim import (MM_PROJECTOR_PREFIX, UPSAMPLER_PREFIX, export_jbu, import_vdim,
-                               jbu_arrays, jbu_shapes, load_jbu, read_torch_tensors,
-                               write_vdim_ckpt)
+from hiwin_jax import weights
+from hiwin_jax.convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.vdim import (MM_PROJECTOR_PREFIX, UPSAMPLER_PREFIX, export_jbu,
+                                    import_vdim, jbu_arrays, jbu_shapes, load_jbu,
+                                    read_torch_tensors, write_vdim_ckpt)
 from hiwin_jax.models.jbu import JBUStack
 from hiwin_jax.models.layers import Precision
 
@@ -110,14 +110,14 @@ def test_mm_projector_prefix_round_trip_is_bit_exact_in_bf16(tmp_path):
   assert_bit_exact(export_jbu(bf16_stack, MM_PROJECTOR_PREFIX), upsampler)
   # The same tensors under the Lightning prefix convert to the same parameters.
   renamed = {UPSAMPLER_PREFIX + k[len(MM_PROJECTOR_PREFIX):]: v for k, v in read.items()}
-  targets = param_targets(stack)
+  targets = weights.param_targets(stack)
   a = jbu_arrays(read, targets, prefix=MM_PROJECTOR_PREFIX)
   b = jbu_arrays(renamed, targets)
   assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_wrong_shape_or_missing_tensor_raises_naming_the_key():
-  targets = param_targets(new_stack())
+  targets = weights.param_targets(new_stack())
   bad = official_upsampler(C, UPSAMPLER_PREFIX)
   bad["upsampler.up2.fixup_proj.0.weight"] = np.zeros((49, 51, 1, 1), np.float32)
   with pytest.raises(CheckpointError, match=r"upsampler\.up2\.fixup_proj\.0\.weight"):
@@ -133,7 +133,7 @@ def test_wrong_shape_or_missing_tensor_raises_naming_the_key():
 
 def test_real_4x_stack_has_1062066_parameters_and_official_shapes():
   stack = nnx.eval_shape(lambda: JBUStack(1024, precision=Precision.parity(), rngs=nnx.Rngs(0)))
-  targets = param_targets(stack)
+  targets = weights.param_targets(stack)
   assert sum(int(np.prod(s)) for s, _ in targets.values()) == 1_062_066
   shapes = jbu_shapes(1024, prefix=MM_PROJECTOR_PREFIX)
   assert sum(int(np.prod(s)) for s in shapes.values()) == 1_062_066

@@ -7,7 +7,8 @@ tokens are masked out of attention. The output is `hidden_states[select_layer]` 
 as `CLIPVisionModel(..., output_hidden_states=True).hidden_states[-2][:, 1:]` gives it for each
 image alone.
 
-Parameter names mirror HF's `CLIPVisionModel` so that `ckpt_convert/hf_clip.py` reads naturally.
+Parameter names mirror HF's `CLIPVisionModel` so that `hiwin_jax/convert/hf_clip.py` reads
+naturally.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The two architectures differ only in numbers (GQA, RoPE theta, norm eps, vocabulary) and in the
 q/k/v biases of Qwen2, so one module covers both, configured by `cfg.model.llm`. Attribute names
 follow transformers (`embed_tokens`, `layers.self_attn.q_proj`, `norm`, `lm_head`) so the
-conversion table in `ckpt_convert/hf_llama.py` reads as a list of renames.
+conversion table in `hiwin_jax/convert/hf_llama.py` reads as a list of renames.
 
 Numerics follow transformers' eager path: RMSNorm statistics in float32, RoPE tables built in
 float32 and cast to the compute dtype, scores scaled after the q.k matmul, softmax in float32 and

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hiwin_jax import config as C
 from hiwin_jax.models.clip_vit import ClipVisionTower
 from hiwin_jax.models.hiwin import HiwinProjector
 from hiwin_jax.models.jbu import JBUStack
@@ -48,10 +47,15 @@ def tokens_to_canvas(tokens: jax.Array, grid: jax.Array, canvas_hw: tuple[int, i
 
 
 class LlavaUHD(nnx.Module):
-  """The whole model (`cfg` = `cfg.model`); parameter groups `vision`, `jbu`, `projector`, `llm`."""
+  """The whole model (`cfg` = `cfg.model`, resolved by `config.load_config`); parameter groups
+  `vision`, `jbu`, `projector`, `llm`. Decoding: `hiwin_jax.infer.generate`."""
 
   def __init__(self, cfg, precision: Precision, *, rngs: nnx.Rngs):
-    proj = C.resolved_projector(cfg)
+    proj = cfg.projector
+    unresolved = [k for k in ("embed_dim", "kv_dim", "num_heads") if proj[k] is None]
+    if unresolved:
+      raise ValueError(f"model.projector.{unresolved} are not resolved: build the model config "
+                       f"with config.load_config (or config.resolve_model)")
     self.patch_size = cfg.vision.patch_size
     # The slicer guarantees <= (336/14)^2 = 576 patches per item, whatever the canvas.
     self.max_patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
@@ -60,7 +64,8 @@ class LlavaUHD(nnx.Module):
       raise ValueError(f"feature_scale_mask {proj.feature_scale_mask} must include the 1x level")
     self.vision = ClipVisionTower(cfg.vision, precision, rngs=rngs)
     self.jbu = JBUStack(proj.kv_dim, scale=proj.jbu_scale, precision=precision,
-                        conv_impl=proj.conv_impl, rngs=rngs)
+                        conv_impl=proj.conv_impl,
+                        official_grad_bug=bool(proj.jbu_official_grad_bug), rngs=rngs)
     self.projector = HiwinProjector(proj, precision, rngs=rngs)
     self.llm = LlamaModel(cfg.llm, precision, rngs=rngs)
 
@@ -102,30 +107,3 @@ class LlavaUHD(nnx.Module):
     embeds = self.embed(batch, dropout_rng=dropout_rng)
     return self.llm(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
                     positions=positions, cache=cache)
-
-  def generate(self, batch: dict[str, Any], max_new_tokens: int,
-               eos_token_id: int | None = None) -> jax.Array:
-    """Greedy decoding with the KV cache -> new tokens [B, max_new_tokens] (jit-able).
-
-    Prompts are right-padded (`attention_mask`); pad slots stay invalid in the cache and each
-    row's new tokens continue at its own RoPE position, so rows of different lengths decode
-    together. After `eos_token_id` a row keeps emitting it.
-    """
-    b, s = batch["input_ids"].shape
-    lengths = jnp.sum(jnp.asarray(batch["attention_mask"]).astype(jnp.int32), axis=1)
-    cache = self.llm.init_cache(b, s + max_new_tokens)
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    logits, cache = self(batch, cache=cache, positions=positions)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    eos = -1 if eos_token_id is None else eos_token_id
-
-    def step(carry, i):
-      tok, cache, done = carry
-      tok = jnp.where(done, eos, tok)
-      logits, cache = self.llm(tok[:, None], positions=(lengths + i)[:, None], cache=cache)
-      return (jnp.argmax(logits[:, 0], -1), cache, done | (tok == eos)), tok
-
-    init = (jnp.argmax(last, -1), cache, jnp.zeros((b,), bool))
-    _, tokens = jax.lax.scan(step, init, jnp.arange(max_new_tokens, dtype=jnp.int32))
-    return tokens.T
-

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +34,8 @@ from jax.sharding import Mesh
 
 from hiwin_jax.data import layout
 from hiwin_jax.data.slicing import PATCH_SIZE
-from hiwin_jax.parallel import mesh as M
-from hiwin_jax.parallel import sharding as S
+from hiwin_jax.parallel import mesh as mesh_lib
+from hiwin_jax.parallel import sharding
 
 GIB = 2 ** 30
 
@@ -134,7 +133,7 @@ def abstract_devices(topo: Topology) -> list:
 # --- the batch --------------------------------------------------------------------------------
 
 def batch_shards(mesh: Mesh, rules) -> int:
-  return math.prod(mesh.shape[a] for a in S.rules_dict(rules)["batch"] if a in mesh.shape)
+  return math.prod(mesh.shape[a] for a in sharding.rules_dict(rules)["batch"] if a in mesh.shape)
 
 
 def representative_batch(trainer, rows_per_shard: int, seq: int, slices: int,
@@ -245,11 +244,11 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
   from hiwin_jax.train.trainer import Trainer
   topo = parse_topology(topology)
   devices = abstract_devices(topo)
-  mesh = M.make_mesh(cfg.mesh, devices)
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   trainer = Trainer(cfg, mesh, abstract=True)
   abstract_batch, host = representative_batch(trainer, batch, seq, slices, canvas)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), S.use_rules(trainer.rules_table):
+  with jax.set_mesh(mesh), sharding.use_rules(trainer.rules_table):
     lowered = trainer.compiled_step().lower(trainer.abstract_state(), trainer.frozen,
                                             abstract_batch)
   t1 = time.perf_counter()
@@ -264,14 +263,3 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
       batch, int(abstract_batch["input_ids"].shape[1]), seq, slices,
       MemoryReport.from_compiled(compiled), trainer.flops(host), xla_flops,
       trainer.num_trainable, trainer.num_frozen, t1 - t0, t2 - t1)
-
-
-def main(args: Any, overrides) -> int:
-  """`hiwin aot`: prints the report; exit status 0 if the step fits the chip's HBM, 1 if not."""
-  from hiwin_jax import config as C
-  if "JAX_PLATFORMS" not in os.environ:
-    jax.config.update("jax_platforms", "cpu")  # the TPU here is abstract: never probe for one
-  cfg = C.load_config(args.config, overrides)
-  result = compile_step(cfg, args.topology, batch=args.batch, seq=args.seq, slices=args.slices)
-  print(result.summary(), flush=True)
-  return 0 if result.fits else 1

@@ -1,4 +1,5 @@
-"""Stages 1 and 2: the whole model's train step as one jitted pure function over a sharded mesh.
+"""Stages 1 and 2: the whole model's train step as one jitted pure function over a sharded mesh,
+and `LlavaTask`, the stage as the run loop (`train/loop.py`) drives it.
 
 State. The model's parameters are split by path rules (`cfg.train.trainable`, `cfg.train.frozen`:
 regular expressions matched against the "/"-joined parameter path, e.g. `projector/pos_embed`;
@@ -11,11 +12,10 @@ Step. A batch has a leading micro-batch axis `k` (`cfg.data.grad_accum`): `lax.s
 micro-batches, summing the cross-entropy and the gradient of the *summed* token losses, and the
 update uses sum / (supervised tokens of the global batch): the loss is the mean over every
 supervised token of the global batch, however it is split into micro-batches or devices. The
-update is optax AdamW (decoupled weight decay, torch's defaults) after global-norm clipping, with
-linear warm-up then cosine decay to 0 (HF's `get_cosine_schedule_with_warmup`: warm-up steps =
-ceil(warmup_ratio * total)). Parameters are stored in `precision.param_dtype` (fp32 master
-weights) and the model computes in `precision.dtype` (bf16 in the real configs); the loss,
-softmax and norm statistics are fp32.
+update is `cfg.train.optimizer`'s (the recipes: AdamW with warm-up and cosine decay,
+`train/optimizers.py`). Parameters are stored in `precision.param_dtype` (fp32 master weights)
+and the model computes in `precision.dtype` (bf16 in the real configs); the loss, softmax and
+norm statistics are fp32.
 
 FLOPs (the MFU estimate, `model_flops`): matmul FLOPs of the ViT and the LLM only,
 2 * (weights used per token) * tokens + the attention score/value products, counted from the
@@ -29,73 +29,35 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import math
+import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hiwin_jax import weights
 from hiwin_jax.models.layers import Precision
 from hiwin_jax.models.llava_uhd import LlavaUHD
-from hiwin_jax.parallel import mesh as M
-from hiwin_jax.parallel import sharding as S
+from hiwin_jax.parallel import mesh as mesh_lib
+from hiwin_jax.parallel import sharding
+from hiwin_jax.train import loop
+from hiwin_jax.train.optimizers import Optimizer, make_optimizer
 
-log = logging.getLogger("hiwin.train")
 IGNORE_INDEX = -100
 TEXT_KEYS = ("input_ids", "image_token", "labels", "attention_mask")
-
-# Official trainable sets (official-spec §7, R1). The official JBU is `mm_projector.upsampler`;
-# ours is the `jbu` group, so "the projector except the upsampler" is `projector/.*`.
-PRETRAIN_TRAINABLE = (r"projector/.*",)
-PRETRAIN_FROZEN = ()
-SFT_TRAINABLE = (r"llm/.*", r"vision/.*", r"projector/.*", r"jbu/fixup_proj/.*")
-SFT_FROZEN = (r"projector/pos_embed",)
 
 # Peak dense bf16 FLOP/s per device, for the MFU estimate (cfg.train.peak_tflops overrides).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v6": 918.0,
                "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
 
 
-def optimizer_config() -> ml_collections.ConfigDict:
-  """HF Trainer's `adamw_torch` defaults as LLaVA's scripts use them (official-spec §7)."""
-  return ml_collections.ConfigDict(dict(
-      lr=2e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999,
-      eps=1e-8, grad_clip=1.0))
-
-
-def train_config(stage: str = "sft") -> ml_collections.ConfigDict:
-  """`stage`: "pretrain" (stage 1) or "sft" (stage 2); sets the official trainable sets."""
-  if stage not in ("pretrain", "sft"):
-    raise ValueError(f"train stage {stage!r}: expected 'pretrain' or 'sft'")
-  pre = stage == "pretrain"
-  opt = optimizer_config()
-  opt.lr = 1e-3 if pre else 2e-5
-  return ml_collections.ConfigDict(dict(
-      stage=stage,
-      trainable=list(PRETRAIN_TRAINABLE if pre else SFT_TRAINABLE),
-      frozen=list(PRETRAIN_FROZEN if pre else SFT_FROZEN),
-      optimizer=opt,
-      num_steps=-1,        # -1: data.epochs over the dataset
-      jbu_dropout=True,    # the official JBU's Dropout2d is active in both stages (frozen or not)
-      peak_tflops=0.0,     # per device, for MFU; 0 = from the device kind (unknown on CPU)
-      log_every=10,
-  ))
-
-
 # --- parameter selection ----------------------------------------------------------------------
-
-def path_str(path: Sequence[Any], sep: str = "/") -> str:
-  """"a/b/c" from an nnx path or a jax key path (DictKey etc.)."""
-  return sep.join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
 
 @dataclasses.dataclass(frozen=True)
 class ParamRules:
@@ -111,7 +73,7 @@ class ParamRules:
         raise ValueError(f"train rule {rx!r} is not a regular expression: {e}") from None
 
   def __call__(self, path: Sequence[Any], _value: Any = None) -> bool:
-    p = path_str(path)
+    p = weights.path_str(path, "/")
     return (any(re.fullmatch(rx, p) for rx in self.trainable)
             and not any(re.fullmatch(rx, p) for rx in self.frozen))
 
@@ -120,28 +82,7 @@ class ParamRules:
     return cls(tuple(tcfg.trainable), tuple(tcfg.frozen))
 
 
-def flat_paths(tree: Mapping) -> list[str]:
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-# --- optimizer and loss -----------------------------------------------------------------------
-
-def lr_schedule(ocfg, total_steps: int) -> optax.Schedule:
-  total = max(int(total_steps), 1)
-  if ocfg.schedule == "constant":
-    return optax.constant_schedule(ocfg.lr)
-  if ocfg.schedule != "cosine":
-    raise ValueError(f"optimizer.schedule {ocfg.schedule!r}: expected 'cosine' or 'constant'")
-  warmup = math.ceil(ocfg.warmup_ratio * total)
-  return optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, warmup, max(total, warmup + 1), 0.0)
-
-
-def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
-  parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip > 0 else []
-  parts.append(optax.adamw(lr_schedule(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
-                           weight_decay=ocfg.weight_decay))
-  return optax.chain(*parts)
-
+# --- the step ---------------------------------------------------------------------------------
 
 def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy summed over supervised positions, and their count (fp32)."""
@@ -153,18 +94,12 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, 
   return jnp.sum(jnp.where(mask, logz - gold, 0.0)), jnp.sum(mask).astype(jnp.float32)
 
 
-# --- the step ---------------------------------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-  """Everything static the step closes over (hashable: it keys the compiled-step cache).
-
-  `optimizer` is rebuilt (new closures) by every Trainer, so equality uses `optimizer_key`
-  (the optimizer config and the step count it was built for) instead of the functions."""
+  """Everything static the step closes over (hashable: it keys the compiled-step cache)."""
   seed: int
   jbu_dropout: bool
-  optimizer: Any = dataclasses.field(compare=False)  # optax.GradientTransformation
-  optimizer_key: Any = None
+  optimizer: Optimizer
 
 
 def train_step(graphdef, st: StepSettings, state: dict, frozen: dict, batch: dict
@@ -200,7 +135,7 @@ def train_step(graphdef, st: StepSettings, state: dict, frozen: dict, batch: dic
     (grads, loss_sum, tokens), _ = jax.lax.scan(micro, init, (batch, jnp.arange(k)))
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-  updates, opt_state = st.optimizer.update(grads, state["opt_state"], params)
+  updates, opt_state = st.optimizer.tx.update(grads, state["opt_state"], params)
   new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
          "step": step + 1}
   return new, {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
@@ -249,15 +184,12 @@ def peak_flops_per_device(tcfg) -> float | None:
 
 # --- the trainer ------------------------------------------------------------------------------
 
-_STEP_CACHE: dict = {}
-
-
 class Trainer:
   """Builds the model in its sharded layout, splits it, and jits the step for a config.
 
-  `init_params`: dotted parameter path -> array (e.g. `checkpoint.read_params` of a previous
-  stage, a converted official checkpoint, stage 0's JBU) loaded over the random init; keys not
-  in the model are an error, parameters it does not name keep their random init.
+  `init_params`: dotted parameter path -> array (`initial_params`: a previous stage's `final/`,
+  a converted official checkpoint, stage 0's JBU) loaded over the random init; paths not in the
+  model are an error, parameters it does not name keep their random init.
 
   `abstract=True` allocates nothing: the model is `nnx.eval_shape`d, and `_params` / `frozen`
   hold ShapeDtypeStructs carrying their shardings, so `compiled_step().lower(...)` works on a
@@ -272,7 +204,7 @@ class Trainer:
       raise ValueError("an abstract Trainer holds no weights: init_params cannot be loaded")
     self.cfg = cfg
     self.abstract = abstract
-    self.mesh = mesh if mesh is not None else M.make_mesh(cfg.mesh)
+    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg.mesh)
     self.rules_table = cfg.mesh.rules
     self.param_rules = ParamRules.from_config(cfg.train)
     self.precision = Precision.from_config(cfg.model.precision)
@@ -280,38 +212,36 @@ class Trainer:
     seed = int(cfg.seed)
     make_model = lambda: LlavaUHD(cfg.model, self.precision, rngs=nnx.Rngs(seed))
     model = (nnx.eval_shape(make_model) if abstract
-             else S.create_sharded(make_model, self.mesh, self.rules_table))
+             else sharding.create_sharded(make_model, self.mesh, self.rules_table))
     if init_params:
-      _load_into(model, init_params)
+      weights.load_params(model, dict(init_params), partial=True)
     self.graphdef, trainable, frozen = nnx.split(model, nnx.All(nnx.Param, self.param_rules),
                                                  ...)
     self.param_shardings = nnx.to_pure_dict(
-        S.state_shardings(trainable, self.mesh, self.rules_table))
+        sharding.state_shardings(trainable, self.mesh, self.rules_table))
     self.frozen_shardings = nnx.to_pure_dict(
-        S.state_shardings(frozen, self.mesh, self.rules_table))
+        sharding.state_shardings(frozen, self.mesh, self.rules_table))
     self._params = nnx.to_pure_dict(trainable)
     self.frozen = nnx.to_pure_dict(frozen)
     if abstract:
       sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
       self._params = jax.tree.map(sds, self._params, self.param_shardings)
       self.frozen = jax.tree.map(sds, self.frozen, self.frozen_shardings)
-    self.trainable_paths = flat_paths(self._params)
+    self.trainable_paths = list(weights.flatten(self._params, "/"))
     if not self.trainable_paths:
       raise ValueError(f"train.trainable {list(cfg.train.trainable)} minus train.frozen "
                        f"{list(cfg.train.frozen)} selects no parameter")
     self.num_trainable = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self._params))
     self.num_frozen = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.frozen))
     self.optimizer = make_optimizer(cfg.train.optimizer, self.total_steps)
-    self.schedule = lr_schedule(cfg.train.optimizer, self.total_steps)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(self.optimizer.init, self._params)
+    abstract_opt = jax.eval_shape(self.optimizer.tx.init, self._params)
     opt_shardings = optax.tree_map_params(
-        self.optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
+        self.optimizer.tx, lambda _, s: s, abstract_opt, self.param_shardings,
         transform_non_params=lambda _: self.replicated)
     self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
                             "step": self.replicated}
-    opt_key = (json.dumps(cfg.train.optimizer.to_dict(), sort_keys=True), self.total_steps)
-    self.settings = StepSettings(seed, bool(cfg.train.jbu_dropout), self.optimizer, opt_key)
+    self.settings = StepSettings(seed, bool(cfg.train.jbu_dropout), self.optimizer)
     self.peak_flops = peak_flops_per_device(cfg.train)
     self._params_taken = False
 
@@ -329,7 +259,7 @@ class Trainer:
 
     @functools.partial(jax.jit, out_shardings=self.state_shardings, donate_argnums=(0,))
     def init(params):
-      return {"params": params, "opt_state": self.optimizer.init(params),
+      return {"params": params, "opt_state": self.optimizer.tx.init(params),
               "step": jnp.zeros((), jnp.int32)}
     params = self._params
     self._params = jax.tree.map(
@@ -341,7 +271,7 @@ class Trainer:
   def abstract_state(self) -> dict:
     """ShapeDtypeStructs with this mesh's shardings (the orbax restore target: a checkpoint
     written on another mesh or device count is resharded onto this one)."""
-    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.optimizer.init(p),
+    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.optimizer.tx.init(p),
                                        "step": jnp.zeros((), jnp.int32)}, self._params)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, self.state_shardings)
@@ -352,7 +282,8 @@ class Trainer:
     """Every batch array is [micro, rows or items, ...]: the micro-batch axis replicated, the
     next axis split over the mesh axes the `batch` rule names (all of them: rows and items
     per global micro-batch must divide by their product)."""
-    axes = tuple(a for a in S.rules_dict(self.rules_table)["batch"] if self.mesh.shape[a] > 1)
+    axes = tuple(a for a in sharding.rules_dict(self.rules_table)["batch"]
+                 if self.mesh.shape[a] > 1)
     return NamedSharding(self.mesh, PartitionSpec(None, axes or None))
 
   def device_batch(self, host: Mapping[str, Any]) -> dict:
@@ -381,57 +312,131 @@ class Trainer:
 
   # -- the step --
   def compiled_step(self):
-    key = (self.graphdef, self.settings, self.mesh, _tree_key(self.state_shardings),
-           _tree_key(self.frozen_shardings))
-    if key not in _STEP_CACHE:
-      _STEP_CACHE[key] = jax.jit(
-          functools.partial(train_step, self.graphdef, self.settings),
-          in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
-          out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    return _STEP_CACHE[key]
+    return loop.compiled_step(
+        train_step, (self.graphdef, self.settings),
+        in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated))
 
   def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     """One optimizer step on a device batch (`device_batch`); donates `state`."""
-    with jax.set_mesh(self.mesh), S.use_rules(self.rules_table):
+    with jax.set_mesh(self.mesh), sharding.use_rules(self.rules_table):
       return self.compiled_step()(state, self.frozen, batch)
 
   def lr(self, step: int) -> float:
-    return float(self.schedule(step))
+    return float(self.optimizer.schedule(step))
 
   def flops(self, host_batch: Mapping) -> float:
     """Training FLOPs of a process-local host batch, times the process count."""
-    return model_flops(self.cfg.model, host_batch, self.param_rules,
-                       self.trainable_paths + flat_paths(self.frozen)) * jax.process_count()
+    paths = self.trainable_paths + list(weights.flatten(self.frozen, "/"))
+    return model_flops(self.cfg.model, host_batch, self.param_rules, paths) * jax.process_count()
 
   # -- outputs --
   def params(self, state: dict) -> dict[str, jax.Array]:
     """Every parameter (trainable and frozen) as dotted path -> (sharded) array."""
-    out = {}
-    for tree in (state["params"], self.frozen):
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[path_str(path, ".")] = leaf
-    return out
+    return {**weights.flatten(state["params"]), **weights.flatten(self.frozen)}
 
   def model(self, state: dict) -> LlavaUHD:
     return nnx.merge(self.graphdef, state["params"], self.frozen)
 
 
-def _tree_key(tree) -> tuple:
-  leaves, treedef = jax.tree.flatten(tree)
-  return (treedef, tuple(leaves))
+# --- initial weights --------------------------------------------------------------------------
+
+def initial_params(cfg) -> dict[str, np.ndarray]:
+  """Dotted path -> array from `cfg.init` (empty = random init everywhere)."""
+  out: dict[str, np.ndarray] = {}
+  if cfg.init.checkpoint:
+    params, _ = weights.read_params(cfg.init.checkpoint)
+    out.update(params)
+  if cfg.init.vdim:
+    out.update({f"jbu.{k}": v for k, v in vdim_jbu_params(cfg.init.vdim, cfg.model).items()})
+  return out
 
 
-def _load_into(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
-  """Overwrites the named parameters of a (sharded) model, keeping each one's sharding."""
-  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  unknown = sorted(set(arrays) - set(flat))
-  if unknown:
-    raise KeyError(f"initial parameters name {len(unknown)} keys the model does not have, e.g. "
-                   f"{unknown[:5]}")
-  for key, value in arrays.items():
-    var = flat[key]
-    old = var.get_value()
-    if tuple(np.shape(value)) != tuple(old.shape):
-      raise ValueError(f"initial parameter {key}: shape {tuple(np.shape(value))}, the model "
-                       f"expects {tuple(old.shape)}")
-    var.set_value(jax.device_put(np.asarray(value).astype(old.dtype), old.sharding))
+def vdim_jbu_params(path: str, model_cfg) -> dict[str, np.ndarray]:
+  """The JBU's parameters (dotted, relative to the JBU) from stage 0's run folder (its latest
+  checkpoint) or from an official VDIM Lightning `.ckpt`."""
+  p = pathlib.Path(path)
+  if p.is_file():
+    from hiwin_jax.convert import vdim
+    proj = model_cfg.projector
+    stack = vdim.import_vdim(p, Precision(), feat_dim=proj.kv_dim, scale=proj.jbu_scale)
+    return weights.model_params(stack)
+  try:
+    state = loop.latest_state(p)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"init.vdim {path!r}: neither a VDIM .ckpt file nor a stage-0 run "
+                            f"folder ({e})") from None
+  return {k: np.asarray(v) for k, v in weights.flatten(state["params"]["upsampler"]).items()}
+
+
+# --- the task ---------------------------------------------------------------------------------
+
+class LlavaTask:
+  """Stages 1 and 2 as the run loop's task (`loop.Task`): the data iterator of `cfg.data` for
+  this process, the run's step count, and a `Trainer` starting from `cfg.init`'s weights."""
+
+  def __init__(self, cfg, devices: Sequence[jax.Device] | None = None, tokenizer=None):
+    from hiwin_jax.data import loader
+    from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
+    self.cfg = cfg
+    tokenizer = tokenizer or LlamaSpmTokenizer(cfg.data.tokenizer)
+    self.data = loader.make_train_iterator(cfg.data, cfg.model, tokenizer,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())
+    # Epochs can differ in length (the pre-resize draw moves samples between keys): the plan's
+    # own total, not epoch 0's length times the epochs, is what the iterator can deliver.
+    total = int(cfg.train.num_steps) if cfg.train.num_steps > 0 else self.data.num_steps
+    if total > self.data.num_steps:
+      raise ValueError(f"train.num_steps {total} is more than the {self.data.num_steps} steps "
+                       f"the data gives over data.epochs={int(cfg.data.epochs)} epochs (steps "
+                       f"per epoch {list(self.data.steps_per_epoch)}): raise data.epochs or "
+                       f"lower num_steps")
+    self.num_steps = total
+    self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    self.trainer = Trainer(cfg, self.mesh, init_params=initial_params(cfg), total_steps=total)
+
+  def describe(self) -> str:
+    t = self.trainer
+    return (f"{t.num_trainable:,} trainable / {t.num_frozen:,} frozen parameters, "
+            f"{self.data.num_steps_per_epoch} steps/epoch, {len(self.data.keys)} batch shapes")
+
+  def init_state(self) -> dict:
+    return self.trainer.init_state()
+
+  def abstract_state(self) -> dict:
+    return self.trainer.abstract_state()
+
+  def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    return self.trainer.step(state, self.trainer.device_batch(batch))
+
+  def metrics(self, step: int, batch: dict, metrics: Mapping[str, float],
+              seconds: float) -> dict[str, float]:
+    images = int(np.count_nonzero((np.asarray(batch["image_token"]) >= 0).any(axis=-1)))
+    row = {"lr": self.trainer.lr(step), "tokens_per_s": metrics["tokens"] / seconds,
+           "images_per_s": images * jax.process_count() / seconds,
+           "skipped": int(sum(batch["meta"]["skipped"].values()))}
+    if self.trainer.peak_flops:
+      row["mfu"] = self.trainer.flops(batch) / (seconds * self.trainer.peak_flops
+                                                * jax.device_count())
+    return row
+
+  def export(self, state: dict, out: pathlib.Path) -> pathlib.Path:
+    """The whole model as a hiwin checkpoint `final/` (all processes write their shards), and
+    with `export.official` the official PyTorch layout `official/` (process 0)."""
+    folder = out / "final"
+    params = self.trainer.params(state)
+    weights.write_params(folder, params, {"format": "llava-uhd",
+                                          "model": self.cfg.model.to_dict()})
+    if self.cfg.export.official:
+      from jax.experimental import multihost_utils
+
+      from hiwin_jax.convert import llava_uhd
+      host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+              if jax.process_count() > 1 else np.asarray(v) for k, v in params.items()}
+      if jax.process_index() == 0:
+        llava_uhd.export_official(host, self.cfg.model, out / "official",
+                                  self.cfg.export.dtype)
+    return folder
+
+  def summary(self) -> dict:
+    return {"skipped": dict(self.data.skipped)}

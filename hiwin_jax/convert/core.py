@@ -6,7 +6,8 @@ axis. The same table runs both ways: `to_ours` applies each transform's forward 
 tensor, into preallocated arrays; `to_torch` yields (key, tensor) pairs with the inverse functions,
 as views where possible, so an export streams.
 
-Our paths are the dotted paths of the model's `nnx.State` (`layers.self_attn.q_proj.kernel`).
+Our paths are the dotted parameter paths of `hiwin_jax.weights` (`layers.self_attn.q_proj.kernel`),
+whose `param_targets` / `model_params` / `load_params` give a model's side of a table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ckpt_convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.safetensors_io import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,35 +172,3 @@ class KeysUnder:
 
   def get(self, key):
     return self.source.get(key)
-
-
-# --- our side: flat views of an nnx model's parameters ------------------------------------------
-
-def param_targets(model) -> dict[str, tuple[tuple, np.dtype]]:
-  """Dotted path -> (shape, dtype) of every parameter of an (abstract or real) nnx model."""
-  from flax import nnx
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {".".join(map(str, path)): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype))
-          for path, v in flat}
-
-
-def model_params(model) -> dict[str, np.ndarray]:
-  """Dotted path -> host numpy array of every parameter (gathered if sharded)."""
-  from flax import nnx
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in flat}
-
-
-def load_params(model, arrays: dict[str, np.ndarray]) -> None:
-  """Moves `arrays` (dotted path -> array) into the model's parameters, in their dtypes.
-
-  `arrays` is emptied as it goes, so each host array is freed once its parameter holds it and
-  peak memory stays at one copy of the model plus one tensor.
-  """
-  from flax import nnx
-  import jax.numpy as jnp
-  state = nnx.state(model, nnx.Param)
-  for path, var in nnx.to_flat_state(state):
-    key = ".".join(map(str, path))
-    var.set_value(jnp.asarray(arrays.pop(key), dtype=var.get_value().dtype))
-  nnx.update(model, state)

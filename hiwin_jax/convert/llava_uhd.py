@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ckpt_convert import core, hf_clip, hf_llama, vdim
-from ckpt_convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
-from ckpt_convert.formats import dtype_name, np_dtype
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
-from hiwin_jax import config as C
+from hiwin_jax import config, weights
+from hiwin_jax.convert import core, hf_clip, hf_llama, vdim
+from hiwin_jax.convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
+from hiwin_jax.convert.formats import dtype_name, np_dtype
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 
 PROJ = "model.mm_projector."
 VISION = "model.vision_tower.vision_tower.vision_model."
@@ -63,8 +63,7 @@ def projector_table(prefix: str = PROJ, ours: str = "projector.") -> KeyTable:
 
 def llava_table(cfg_model, projector_only: bool = False) -> KeyTable:
   """The full checkpoint's table (or `mm_projector.bin`'s with `projector_only`)."""
-  proj = C.resolved_projector(cfg_model)
-  tables = [projector_table(), vdim.jbu_table(proj.jbu_scale, JBU, "jbu.")]
+  tables = [projector_table(), vdim.jbu_table(cfg_model.projector.jbu_scale, JBU, "jbu.")]
   if not projector_only:
     tables = [core.prefixed(hf_llama.llama_table(cfg_model.llm), ours="llm."),
               hf_clip.clip_table(cfg_model.vision, prefix=VISION, ours_prefix="vision.")] + tables
@@ -88,8 +87,13 @@ def dead_weight(params: dict[str, np.ndarray], cfg_model) -> Iterator[tuple[str,
 def config_from_json(config_json: dict[str, Any], cfg_model=None):
   """`cfg.model` for an official config.json (spec §8.4): LLM fields, feature_scale_mask, select
   layer, projector type (-> token layout) and max length. The file does not describe the ViT
-  (`mm_vision_tower` is a path): its geometry comes from `cfg_model` (default CLIP-L/14-336)."""
-  cfg = C.base_config().model if cfg_model is None else C.ConfigDict(cfg_model.to_dict())
+  (`mm_vision_tower` is a path): its geometry comes from `cfg_model` (default CLIP-L/14-336).
+
+  The projector's widths follow the checkpoint (embed_dim = LLM width, kv_dim = ViT width, as
+  the official code builds them); its head count is `cfg_model`'s when the LLM width is
+  `cfg_model`'s, else the official embed_dim // 128."""
+  cfg = config.model_config() if cfg_model is None else config.ConfigDict(cfg_model.to_dict())
+  width, heads = cfg.projector.embed_dim or cfg.llm.hidden_size, cfg.projector.num_heads
   c = dict(config_json)
   model_type = c.get("model_type")
   if model_type not in MODEL_TYPES:
@@ -107,7 +111,9 @@ def config_from_json(config_json: dict[str, Any], cfg_model=None):
     raise CheckpointError(f"mm_hidden_size {c['mm_hidden_size']} != ViT width "
                           f"{cfg.vision.hidden_size}")
   cfg.max_length = int(c.get("tokenizer_model_max_length", cfg.max_length))
-  return cfg
+  cfg.projector.update(embed_dim=None, kv_dim=None,
+                       num_heads=heads if width == cfg.llm.hidden_size else None)
+  return config.resolve_model(cfg)
 
 
 def config_to_json(cfg_model, dtype: str) -> dict[str, Any]:
@@ -140,7 +146,7 @@ def _targets(cfg_model, dtype=None) -> dict[str, tuple[tuple, np.dtype]]:
   from flax import nnx
   from hiwin_jax.models.layers import Precision
   from hiwin_jax.models.llava_uhd import LlavaUHD
-  targets = core.param_targets(nnx.eval_shape(
+  targets = weights.param_targets(nnx.eval_shape(
       lambda: LlavaUHD(cfg_model, Precision(), rngs=nnx.Rngs(0))))
   if dtype is not None:
     targets = {k: (shape, np_dtype(dtype)) for k, (shape, _) in targets.items()}

@@ -2,7 +2,7 @@
 
 HF checkpoints name the vision tensors `vision_model.<...>` (the hub's CLIPModel files and
 transformers 4.x `CLIPVisionModel`) or `<...>` (transformers 5 `CLIPVisionModel.save_pretrained`).
-`ckpt_convert.formats` (format "hf-clip") imports both and exports the `vision_model.` layout,
+`hiwin_jax.convert.formats` (format "hf-clip") imports both and exports the `vision_model.` layout,
 which both transformers 4 and 5 load.
 The LLaVA checkpoint nests the same keys under `model.vision_tower.vision_tower.vision_model.`:
 `clip_table(cfg, prefix=...)` serves it, `ours_prefix` places the tower inside a bigger model.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_convert.core import CONV_HWIO, IDENTITY, TRANSPOSE, KeyTable, Rule
-from ckpt_convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.core import CONV_HWIO, IDENTITY, TRANSPOSE, KeyTable, Rule
+from hiwin_jax.convert.safetensors_io import CheckpointError
 
 HF_PREFIX = "vision_model."
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from ckpt_convert import core, hf_clip, hf_llama
-from hiwin_jax import config as C
-from ckpt_convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
+from hiwin_jax import config, weights
+from hiwin_jax.convert import core, hf_clip, hf_llama
+from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
@@ -62,10 +62,10 @@ def _clip_model(cfg, precision=None):
 
 
 FORMATS = {
-    "hf-llm": Format("llm", C.llm_config, hf_llama.hf_config_to_llm, hf_llama.llm_to_hf_config,
+    "hf-llm": Format("llm", config.llm_config, hf_llama.hf_config_to_llm, hf_llama.llm_to_hf_config,
                      lambda cfg, prefix: hf_llama.llama_table(cfg), _llm_model),
     # transformers 5 saves CLIPVisionModel without the `vision_model.` prefix; accept both.
-    "hf-clip": Format("vision", C.vision_config, hf_clip.hf_config_to_vision,
+    "hf-clip": Format("vision", config.vision_config, hf_clip.hf_config_to_vision,
                       hf_clip.vision_to_hf_config,
                       lambda cfg, prefix: hf_clip.clip_table(cfg, prefix=prefix), _clip_model,
                       prefixes=(hf_clip.HF_PREFIX, "")),
@@ -111,7 +111,7 @@ def params_from_source(fmt: str, source: core.TensorSource, cfg, dtype=None, pre
   array gets its parameter's dtype."""
   from flax import nnx
   f = FORMATS[fmt]
-  targets = core.param_targets(nnx.eval_shape(lambda: f.model(cfg)))
+  targets = weights.param_targets(nnx.eval_shape(lambda: f.model(cfg)))
   if dtype is not None:
     dtype = np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     targets = {k: (shape, dtype) for k, (shape, _) in targets.items()}
@@ -125,7 +125,7 @@ def model_from_source(fmt: str, source: core.TensorSource, cfg, precision=None,
   abstractly and filled array by array, so the weights exist once at a time."""
   from flax import nnx
   model = nnx.eval_shape(lambda: FORMATS[fmt].model(cfg, precision))
-  core.load_params(model, params_from_source(fmt, source, cfg, prefix=prefix, where=where))
+  weights.load_params(model, params_from_source(fmt, source, cfg, prefix=prefix, where=where))
   return model
 
 
@@ -169,4 +169,4 @@ def export_params(fmt: str, params: dict[str, np.ndarray], cfg, folder: str | pa
 
 def export_model(fmt: str, model, cfg, folder: str | pathlib.Path, dtype: str | None = None,
                  max_shard_bytes: int = 5 * 2 ** 30) -> pathlib.Path:
-  return export_params(fmt, core.model_params(model), cfg, folder, dtype, max_shard_bytes)
+  return export_params(fmt, weights.model_params(model), cfg, folder, dtype, max_shard_bytes)

@@ -1,4 +1,5 @@
-"""Images for VDIM pre-training (spec §3.7): a folder of photos, or scikit-image's bundled ones.
+"""Images for VDIM pre-training (official-spec §3.7): a folder of photos, or scikit-image's
+bundled ones.
 
 The official transform is `Resize(336, NEAREST)` (shorter side), `CenterCrop(336)`, `ToTensor`,
 ImageNet normalisation. Batches are a pure function of (seed, step): sample k of step s is item
@@ -13,11 +14,11 @@ Host-side code: numpy and PIL only, no jax.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import pathlib
 import threading
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -138,14 +139,55 @@ class VdimImages:
     return np.stack(list(pool.map(lambda p: self.sample(p, seed), positions)))
 
 
-def batches(images: VdimImages, start: int, stop: int, batch_size: int, seed: int,
-            workers: int) -> Iterator[tuple[int, np.ndarray]]:
-  """(step, batch) for steps start..stop-1, decoding the next batch while this one trains."""
-  with concurrent.futures.ThreadPoolExecutor(max(int(workers), 1)) as pool, \
-       concurrent.futures.ThreadPoolExecutor(1) as ahead:
-    nxt = ahead.submit(images.batch, start, batch_size, seed, pool) if start < stop else None
-    for step in range(start, stop):
-      batch = nxt.result()
-      if step + 1 < stop:
-        nxt = ahead.submit(images.batch, step + 1, batch_size, seed, pool)
-      yield step, batch
+class VdimBatches:
+  """The training iterator of stage 0: `next()` is the [B, S, S, 3] float32 batch of the next
+  step (`VdimImages.batch`), decoded by `workers` threads while the previous step trains.
+
+  The state (`get_state`, JSON bytes; `set_state`) is the next step: a batch is a function of
+  (seed, step), so a resumed run continues with exactly the batches an uninterrupted one has.
+  """
+
+  def __init__(self, images: VdimImages, batch_size: int, seed: int, workers: int,
+               num_steps: int):
+    self.images, self.batch_size, self.seed = images, int(batch_size), int(seed)
+    self.workers, self.num_steps = max(int(workers), 1), int(num_steps)
+    self._step = 0
+    self._pools: tuple[concurrent.futures.Executor, concurrent.futures.Executor] | None = None
+    self._ahead: concurrent.futures.Future | None = None
+
+  def _submit(self, step: int) -> None:
+    decode, ahead = self._pools
+    self._ahead = (ahead.submit(self.images.batch, step, self.batch_size, self.seed, decode)
+                   if step < self.num_steps else None)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    if self._step >= self.num_steps:
+      raise StopIteration
+    if self._pools is None:
+      self._pools = (concurrent.futures.ThreadPoolExecutor(self.workers),
+                     concurrent.futures.ThreadPoolExecutor(1))
+      self._submit(self._step)
+    batch = self._ahead.result()
+    self._step += 1
+    self._submit(self._step)
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({"step": self._step}).encode()
+
+  def set_state(self, state: bytes | str | dict) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    self.close()
+    self._step = int(state["step"])
+
+  def close(self) -> None:
+    """Stops the decoding threads (after the batch in flight); `next()` starts them again."""
+    if self._pools is not None:
+      decode, ahead = self._pools
+      ahead.shutdown(wait=True, cancel_futures=True)  # first: its batch decodes on `decode`
+      decode.shutdown(wait=True)
+    self._pools, self._ahead = None, None

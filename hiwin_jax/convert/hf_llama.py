@@ -1,15 +1,15 @@
 """HF `LlamaForCausalLM` / `Qwen2ForCausalLM` <-> `hiwin_jax.models.llama.LlamaModel`.
 
 The conversion is the key table `llama_table`: Linear weights are transposed, everything else is
-copied, per-layer tensors are stacked on the leading `layers` axis. `ckpt_convert.formats` (format
-"hf-llm") moves whole HF folders (config.json + sharded safetensors) in and out without torch.
+copied, per-layer tensors are stacked on the leading `layers` axis. `hiwin_jax.convert.formats`
+(format "hf-llm") moves whole HF folders (config.json + sharded safetensors) in and out without torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ckpt_convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
+from hiwin_jax.convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

@@ -27,9 +27,10 @@ from typing import Mapping
 
 import numpy as np
 
-from ckpt_convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeysUnder, KeyTable, Rule,
-                               load_params, model_params, param_targets, to_ours, to_torch)
-from ckpt_convert.safetensors_io import CheckpointError
+from hiwin_jax.convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeysUnder, KeyTable,
+                                    Rule, to_ours, to_torch)
+from hiwin_jax.convert.safetensors_io import CheckpointError
+from hiwin_jax.weights import load_params, model_params, param_targets
 
 UPSAMPLER_PREFIX = "upsampler."  # Lightning VDIM checkpoint, state_dict keys
 MM_PROJECTOR_PREFIX = "model.mm_projector.upsampler.upsampler."  # mm_projector.bin / LLaVA file
@@ -94,7 +95,7 @@ def jbu_arrays(tensors: Mapping[str, np.ndarray], targets: Mapping[str, tuple[tu
                scale: int = 4, prefix: str = UPSAMPLER_PREFIX,
                where: str = "checkpoint") -> dict[str, np.ndarray]:
   """Official tensors (any superset of the stack's keys; only `prefix*` is looked at) -> our
-  arrays for `targets` (`core.param_targets(stack)`). Raises CheckpointError on a missing,
+  arrays for `targets` (`weights.param_targets(stack)`). Raises CheckpointError on a missing,
   unexpected or wrong-shaped key."""
   return to_ours(jbu_table(scale, prefix), KeysUnder(DictSource(tensors), prefix), targets,
                  where=where)

@@ -1,0 +1,124 @@
+"""The optimizers of the official recipes, built from `cfg.train.optimizer`.
+
+- "adamw" (stages 1/2, `config.adamw_config`): HF Trainer's `adamw_torch` as LLaVA's scripts
+  run it: optax AdamW (decoupled weight decay, torch's defaults) after global-norm clipping,
+  with linear warm-up then cosine decay to 0 (HF's `get_cosine_schedule_with_warmup`: warm-up
+  steps = ceil(warmup_ratio * total)), or a constant rate.
+- "nadam" (stage 0, `config.nadam_config`): `torch.optim.NAdam` after Lightning's gradient-norm
+  clip in the first `clip_steps` steps only, constant rate (FeatUp's `train_vdim_upsampler.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optax transformation and its learning-rate schedule, compared by what built them (the
+  optimizer config and the step count): every build makes new closures, and a compiled train
+  step that closes over one must be found again for an equal config (it keys the step cache)."""
+  key: str
+  tx: optax.GradientTransformation = dataclasses.field(compare=False)
+  schedule: optax.Schedule = dataclasses.field(compare=False)
+
+
+def lr_schedule(ocfg, total_steps: int) -> optax.Schedule:
+  total = max(int(total_steps), 1)
+  if ocfg.get("schedule", "constant") == "constant":
+    return optax.constant_schedule(ocfg.lr)
+  if ocfg.schedule != "cosine":
+    raise ValueError(f"optimizer.schedule {ocfg.schedule!r}: expected 'cosine' or 'constant'")
+  warmup = math.ceil(ocfg.warmup_ratio * total)
+  return optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, warmup, max(total, warmup + 1), 0.0)
+
+
+def make_optimizer(ocfg, total_steps: int) -> Optimizer:
+  """The optimizer `ocfg.name` names, for a run of `total_steps` steps."""
+  schedule = lr_schedule(ocfg, total_steps)
+  if ocfg.name == "adamw":
+    parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                             weight_decay=ocfg.weight_decay))
+    tx = optax.chain(*parts)
+  elif ocfg.name == "nadam":
+    tx = optax.chain(clip_by_global_norm_until(ocfg.clip_norm, ocfg.clip_steps),
+                     torch_nadam(ocfg.lr, ocfg.b1, ocfg.b2, ocfg.eps, ocfg.momentum_decay))
+  else:
+    raise ValueError(f"optimizer.name {ocfg.name!r}: expected 'adamw' or 'nadam'")
+  key = json.dumps({"optimizer": ocfg.to_dict(), "total_steps": int(total_steps)}, sort_keys=True)
+  return Optimizer(key, tx, schedule)
+
+
+class ClipUntilState(NamedTuple):
+  count: jax.Array
+
+
+def clip_by_global_norm_until(max_norm: float, num_steps: int) -> optax.GradientTransformation:
+  """Lightning's `clip_gradients(opt, max_norm, 'norm')` for `global_step < num_steps` only:
+  g *= min(max_norm / (|g| + 1e-6), 1) (`torch.nn.utils.clip_grad_norm_`), identity after."""
+
+  def init(params):
+    del params
+    return ClipUntilState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    coef = jnp.minimum(max_norm / (optax.tree.norm(updates) + CLIP_EPS), 1.0)
+    coef = jnp.where(state.count < num_steps, coef, 1.0)
+    updates = jax.tree.map(lambda g: g * coef.astype(g.dtype), updates)
+    return updates, ClipUntilState(state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+class TorchNAdamState(NamedTuple):
+  count: jax.Array       # int32 steps taken
+  mu_product: jax.Array  # float32 prod_t mu_t
+  exp_avg: Any
+  exp_avg_sq: Any
+
+
+def torch_nadam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                momentum_decay: float = 4e-3) -> optax.GradientTransformation:
+  """`torch.optim.NAdam(lr, betas=(b1, b2), eps, momentum_decay)` (weight decay 0), returning the
+  full parameter update. Torch's NAdam (Dozat) ramps the momentum: mu_t = b1 (1 - 0.5 *
+  0.96^(t * momentum_decay)) (about 0.45 early on), which optax.nadam does not:
+
+      m = lerp(m, g, 1 - b1);  v = b2 v + (1 - b2) g^2;  denom = sqrt(v / (1 - b2^t)) + eps
+      p -= lr (1 - mu_t) / (1 - prod mu_1..t) g / denom + lr mu_{t+1} / (1 - prod mu_1..t+1) m / denom
+  """
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return TorchNAdamState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), zeros(), zeros())
+
+  def update(grads, state, params=None):
+    del params
+    t = (state.count + 1).astype(jnp.float32)
+    bc2 = 1.0 - b2 ** t
+    mu = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * momentum_decay))
+    mu_product = state.mu_product * mu
+    c_grad = -lr * (1.0 - mu) / (1.0 - mu_product)
+    c_avg = -lr * mu_next / (1.0 - mu_product * mu_next)
+    m = jax.tree.map(lambda m, g: m + (1.0 - b1) * (g - m), state.exp_avg, grads)
+    v = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.exp_avg_sq, grads)
+
+    def step(g, m, v):
+      denom = jnp.sqrt(v / bc2) + eps
+      return c_grad * g / denom + c_avg * m / denom
+
+    updates = jax.tree.map(step, grads, m, v)
+    return updates, TorchNAdamState(state.count + 1, mu_product, m, v)
+
+  return optax.GradientTransformation(init, update)
