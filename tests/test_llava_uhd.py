@@ -26,7 +26,7 @@ from hiwin_jax import config as C
 from hiwin_jax import weights
 from hiwin_jax.convert import core
 from hiwin_jax.convert import llava_uhd
-from hiwin_jax.data import buckets as BK
+from hiwin_jax.data import buckets as B
 from hiwin_jax.data import layout as LY
 from hiwin_jax.data import slicing
 from hiwin_jax.data.image import clip_normalize
@@ -190,7 +190,7 @@ def host_batch(cfg, sliced, layout, groups=LOGIT_SAMPLES, seq_len=SEQ_LEN):
     seq = LY.splice(ids, labels, spans, max_length=cfg.max_length)
     items = [clip_normalize(p) for n in names for p in sliced[n].slices + [sliced[n].overview]]
     samples.append((seq, items))
-  return BK.make_batch(samples, BK.default_buckets(), seq_len,
+  return B.make_batch(samples, B.default_buckets(), seq_len,
                        tokens_per_item=tokens.tokens_per_item)
 
 
@@ -270,7 +270,7 @@ def test_slicing_of_the_photos(sliced):
   # Items land in several buckets (and padded slots).
   grids = {n: [(p.height // 14, p.width // 14) for p in r.slices + [r.overview]]
            for n, r in sliced.items()}
-  which = {BK.assign_bucket(h, w, BK.default_buckets()) for g in grids.values() for h, w in g}
+  which = {B.assign_bucket(h, w, B.default_buckets()) for g in grids.values() for h, w in g}
   assert len(which) >= 2, grids
 
 
