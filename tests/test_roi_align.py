@@ -12,8 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hiwin_jax.models.roi_align import (axis_weights, pooling_size, roi_align, window_boxes,
-                                        window_edges, window_weights)
+from hiwin_jax.models.roi_align import (_times, axis_weights, pooling_size, roi_align,
+                                        window_boxes, window_edges, window_weights)
 from tests.numerics import assert_close
 from tests.reference import roi_align as roi_ref
 
@@ -40,6 +40,34 @@ def test_roi_align_matches_torchvision_loops(hw, output_size):
   boxes = random_boxes(rng, h, w, 24)
   got = roi_align(jnp.asarray(features), jnp.asarray(boxes), output_size)
   assert_close(got, roi_ref.roi_align(features, boxes, output_size), 1e-6, f"roi_align {hw}")
+
+
+def test_bin_origin_product_is_correctly_rounded():
+  """`_times(n, x)` (integer arithmetic) == float32(n * x) for every n < 128."""
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.uniform(0.01, 500, 20000), np.arange(1, 2001) / 8]).astype(np.float32)
+  n = np.arange(128, dtype=np.int32)[:, None]
+  got = np.asarray(jax.jit(_times)(jnp.asarray(n), jnp.asarray(x)[None]))
+  np.testing.assert_array_equal(got, (n * x.astype(np.float64)).astype(np.float32))
+
+
+@pytest.mark.parametrize("output_size", [(4, 4), (3, 4)])
+def test_jitted_roi_align_takes_torchvision_samples_on_large_maps(output_size):
+  """Jitted on CPU, the bin origins `start + ph * bin` are torchvision's: the product is rounded
+  before the add. A fused multiply-add moves an origin by one ulp, which at coordinates ~100 on a
+  checkerboard (neighbours differ by ~2) is ~1e-6 relative; the summation order alone is ~2e-7."""
+  rng = np.random.default_rng(1)
+  h, w = 150, 170
+  yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  features = (((-1.0) ** (yy + xx))[..., None]
+              * (1 + 0.1 * rng.standard_normal((h, w, 1)))).astype(np.float32)
+  k = 128
+  x1, y1 = rng.uniform(-2, w, k), rng.uniform(-2, h, k)
+  boxes = np.stack([x1, y1, x1 + rng.uniform(0.5, 40, k), y1 + rng.uniform(0.5, 40, k)],
+                   axis=1).astype(np.float32)
+  got = roi_align(jnp.asarray(features), jnp.asarray(boxes), output_size)
+  assert_close(got, roi_ref.roi_align(features, boxes, output_size), 5e-7,
+               f"jitted roi_align {output_size}")
 
 
 def test_roi_align_bf16_boxes_round_like_the_official_cast():

@@ -12,9 +12,10 @@ so any box size works with traced coordinates.
 Hiwin samples a 12 x 12 grid of equal windows on every level map (`window_weights`); its y weights
 depend only on the window row and its x weights only on the window column, so all 144 windows of a
 map cost two small einsums. Sample positions follow torchvision's float32 expression order with
-no fused multiply-adds and with correctly rounded divisions, so on CPU and GPU the weights are
-those torchvision uses; only the summation differs (separable sums instead of per-sample products,
-one division by gh and one by gw instead of one by gh*gw): ~1e-7 relative.
+its roundings (the bin origin's product in integers, `_times`; correctly rounded divisions, `_div`),
+so on CPU and GPU, jitted or not, the samples are those torchvision takes; only the summation
+differs (separable sums instead of per-sample products, one division by gh and one by gw instead of
+one by gh*gw): ~1e-7 relative.
 """
 
 from __future__ import annotations
@@ -42,10 +43,28 @@ def _div(a: jax.Array, b: jax.Array) -> jax.Array:
   return a / b
 
 
-def _rounded(x: jax.Array) -> jax.Array:
-  """Materialise a product so that XLA cannot contract it with a following add into an FMA
-  (torchvision's CPU kernel rounds the product and the sum separately)."""
-  return jax.lax.optimization_barrier(x)
+def _times(n: jax.Array, x: jax.Array) -> jax.Array:
+  """float32(n * x), correctly rounded, computed in integers: int32 n in [0, 128), float32 x
+  normal and > 0 (a bin size, >= 1 / out).
+
+  torchvision rounds `ph * bin` before adding the box start; a float multiply followed by an add
+  is contracted into one fused multiply-add by LLVM on CPU (an optimization_barrier between them
+  does not survive to code generation), which skips that rounding and moves bin origins by an
+  ulp. An integer result bit-cast to float is no multiply, so nothing can contract it.
+  """
+  n, x = jnp.broadcast_arrays(jnp.asarray(n, jnp.int32), x)
+  bits = jax.lax.bitcast_convert_type(x.astype(_F32), jnp.int32)
+  exponent = bits >> 23                                   # x > 0: no sign bit
+  product = n * ((bits & 0x7FFFFF) | 0x800000)            # the exact product of the significands
+  shift = jnp.maximum(8 - jax.lax.clz(product), 0)        # bits beyond the 24 kept
+  kept = product >> shift
+  rest = product - (kept << shift)
+  half = jnp.where(shift > 0, 1 << jnp.maximum(shift - 1, 0), 0)
+  kept = kept + ((shift > 0) & ((rest > half) | ((rest == half) & ((kept & 1) == 1))))
+  carry = kept >> 24                                      # rounding up to 2^24
+  kept, shift = kept >> carry, shift + carry
+  out = jax.lax.bitcast_convert_type(((exponent + shift) << 23) | (kept & 0x7FFFFF), _F32)
+  return jnp.where(n == 0, jnp.zeros((), _F32), out)
 
 
 def pooling_size(height, width) -> tuple[jax.Array, jax.Array]:
@@ -99,6 +118,8 @@ def axis_weights(start: jax.Array, end: jax.Array, out_size, length, *, canvas: 
   """
   if max_out is None:
     max_out = int(out_size)
+  if max_out > 128:
+    raise ValueError(f"roi_align output size {max_out} > 128 bins per axis is not supported")
   start = jnp.asarray(start, _F32)
   end = jnp.asarray(end, _F32)
   n_out = jnp.asarray(out_size, jnp.int32)
@@ -113,7 +134,7 @@ def axis_weights(start: jax.Array, end: jax.Array, out_size, length, *, canvas: 
 
   p = jnp.arange(max_out, dtype=jnp.int32)[None, :, None, None]            # [1, P, 1, 1]
   r = jnp.arange(canvas, dtype=jnp.int32)[None, None, :, None]             # [1, 1, R, 1]
-  origin = start[:, None, None, None] + _rounded(p.astype(_F32) * bin_)    # [K, P, 1, 1]
+  origin = start[:, None, None, None] + _times(p, bin_)                    # [K, P, 1, 1]
 
   # The sample just below row r, located in float (only approximately, hence the spare indices).
   spacing = _div(bin_size, g_f)[:, None, None, None]
@@ -124,7 +145,7 @@ def axis_weights(start: jax.Array, end: jax.Array, out_size, length, *, canvas: 
   i = first + jnp.arange(_CANDIDATES_PER_ROW, dtype=jnp.int32)              # [K, P, R, 6]
 
   # torchvision: roi_start + ph * bin + static_cast<T>(i + .5f) * bin / static_cast<T>(grid).
-  offset = _div(_rounded((i.astype(_F32) + 0.5) * bin_), g4.astype(_F32))
+  offset = _div((i.astype(_F32) + 0.5) * bin_, g4.astype(_F32))
   y = origin + offset
   length_f = length.astype(_F32)
   inside = (y >= -1.0) & (y <= length_f) & (i < g4) & (p < n_out)
