@@ -86,15 +86,15 @@ GRIDS = [(13, 10), (5, 14), (11, 11), (3, 6), (0, 0)]
 CANVAS = (13, 14)
 
 
-def canvas_batch(seed, scales):
+def canvas_batch(seed, scales, grids=GRIDS, canvas=CANVAS):
   rng = np.random.default_rng(seed)
-  hc, wc = CANVAS
-  levels = {s: rng.standard_normal((len(GRIDS), s * hc, s * wc, KV)).astype(np.float32)
+  hc, wc = canvas
+  levels = {s: rng.standard_normal((len(grids), s * hc, s * wc, KV)).astype(np.float32)
             for s in scales}
   items = [{s: torch.from_numpy(levels[s][n, :s * h, :s * w].transpose(2, 0, 1)[None].copy())
             for s in scales}
-           for n, (h, w) in enumerate(GRIDS) if h]
-  return levels, np.asarray(GRIDS, np.int32), items
+           for n, (h, w) in enumerate(grids) if h]
+  return levels, np.asarray(grids, np.int32), items
 
 
 @jax.jit(static_argnums=0)
@@ -123,6 +123,18 @@ def test_hiwin_matches_reference_on_mixed_grids(mask, scales, attention):
   want = torch_hiwin(params, items, scales)
   valid = [n for n, (h, _) in enumerate(GRIDS) if h]
   assert_close(got[valid], want, 1e-5, f"hiwin mask {mask}, {attention} attention")
+
+
+def test_hiwin_fp32_keeps_window_boxes_fp32():
+  """fp32 means fp32: on grids whose window edges k * side / 12 are not bf16-representable the
+  official fp32 forward (boxes cast to the float32 feature dtype) is matched; bf16-rounded boxes
+  move RoIAlign samples there by up to ~2e-2 relative."""
+  grids = [(20, 27), (16, 36), (8, 10)]
+  model = HiwinProjector(config(5), Precision.parity(), rngs=nnx.Rngs(4))
+  params = randomised(model, seed=4)
+  levels, grid, items = canvas_batch(4, (1, 4), grids, canvas=(20, 36))
+  assert_close(run(model, levels, grid), torch_hiwin(params, items, (1, 4)), 1e-5,
+               "hiwin fp32 on grids with non-bf16 window edges")
 
 
 def test_hiwin_item_ignores_canvas_filler_and_neighbours():

@@ -77,7 +77,7 @@ def test_roi_align_bf16_boxes_round_like_the_official_cast():
   boxes[:, 2:] += boxes[:, :2]
   rounded = boxes.astype(ml_dtypes.bfloat16).astype(np.float32)
   assert np.any(rounded != boxes)
-  got = roi_align(jnp.asarray(features), jnp.asarray(boxes), (3, 4), bf16_boxes=True)
+  got = roi_align(jnp.asarray(features), jnp.asarray(boxes), (3, 4), box_dtype=jnp.bfloat16)
   assert_close(got, roi_ref.roi_align(features, rounded, (3, 4)), 1e-6, "bf16 boxes")
 
 
@@ -91,18 +91,41 @@ def test_axis_weights_traced_sizes_equal_static_sizes():
   assert not np.any(np.asarray(traced)[:, 3:]) and not np.any(np.asarray(traced)[:, :, 9:])
 
 
-def test_window_edges_match_official_boxes():
-  """Our integer rounding of c * W / 12 equals the official float64 -> float32 -> bf16 boxes for
-  every map side up to 400, including exact bf16 ties (e.g. 11 * 222 / 12 = 203.5)."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_window_edges_match_official_boxes(dtype):
+  """Our c * W / 12 equals the official float64 -> float32 -> feature dtype boxes for every map
+  side up to 400, including exact bf16 ties (e.g. 11 * 222 / 12 = 203.5)."""
   sizes = np.arange(1, 401)
-  ours = np.asarray(jax.vmap(window_edges)(jnp.asarray(sizes)))             # [400, 13]
+  ours = np.asarray(jax.vmap(lambda n: window_edges(n, dtype=dtype, max_length=400))(
+      jnp.asarray(sizes)))
   for height in (1, 7, 25, 50, 96, 100, 292):
     for width in sizes:
-      boxes = roi_ref.window_boxes(height, width)
+      boxes = roi_ref.window_boxes(height, width, dtype=dtype)
       np.testing.assert_array_equal(boxes[:12, 0], ours[width - 1, :12], err_msg=f"x1 {width}")
       np.testing.assert_array_equal(boxes[:12, 2], ours[width - 1, 1:], err_msg=f"x2 {width}")
       np.testing.assert_array_equal(boxes[::12, 1], ours[height - 1, :12], err_msg=f"y1 {height}")
-  np.testing.assert_array_equal(np.asarray(window_boxes(25, 22)), roi_ref.window_boxes(25, 22))
+  np.testing.assert_array_equal(np.asarray(window_boxes(25, 22, dtype=dtype)),
+                                roi_ref.window_boxes(25, 22, dtype=dtype))
+
+
+@pytest.mark.parametrize("hw", [(20, 27), (16, 36), (8, 10)])
+def test_fp32_window_boxes_are_not_bf16_rounded(hw):
+  """In float32 the boxes stay float32 (the official casts them to the feature dtype): on grids
+  whose edges k * side / 12 are not bf16-representable, the bf16 and float32 boxes differ, and
+  the float32 RoIAlign samples are those of the unrounded boxes."""
+  h, w = hw
+  f32, bf16 = (np.asarray(window_boxes(h, w, dtype=d)) for d in (jnp.float32, jnp.bfloat16))
+  assert np.any(f32 != bf16), "these grids have edges that bf16 rounds"
+  want = np.asarray([[c * w / 12, r * h / 12, (c + 1) * w / 12, (r + 1) * h / 12]
+                     for r in range(12) for c in range(12)], np.float32)
+  np.testing.assert_array_equal(f32, want)
+  features = np.random.default_rng(h * w).standard_normal((h, w, 3)).astype(np.float32)
+  oh, ow = roi_ref.pooling_size(w / h)
+  ay, ax = jax.jit(lambda *a: window_weights(*a, canvas_hw=(h, w), dtype=jnp.float32))(h, w, oh,
+                                                                                       ow)
+  got = jnp.einsum("rpy,cqx,yxe->rcpqe", ay, ax, features, precision="highest")
+  got = np.asarray(got)[:, :, :oh, :ow].reshape(144, oh, ow, 3)
+  assert_close(got, roi_ref.roi_align(features, want, (oh, ow)), 1e-6, f"fp32 windows of {hw}")
 
 
 def test_pooling_size_matches_log_ratio_rule():
@@ -123,12 +146,13 @@ def test_window_weights_equal_roi_align_on_window_boxes(hw):
   features = rng.standard_normal((h, w, 4)).astype(np.float32)
   oh, ow = roi_ref.pooling_size(w / h)
   canvas = (h + 3, w + 5)
-  ay, ax = jax.jit(lambda *a: window_weights(*a, canvas_hw=canvas))(h, w, oh, ow)
+  ay, ax = jax.jit(lambda *a: window_weights(*a, canvas_hw=canvas, dtype=jnp.bfloat16))(
+      h, w, oh, ow)
   padded = np.zeros(canvas + (4,), np.float32)
   padded[:h, :w] = features
   got = jnp.einsum("rpy,cqx,yxe->rcpqe", ay, ax, padded, precision="highest")
   got = np.asarray(got)[:, :, :oh, :ow].reshape(144, oh, ow, 4)
-  boxes = roi_ref.window_boxes(h, w)
+  boxes = roi_ref.window_boxes(h, w, dtype=ml_dtypes.bfloat16)
   counts = np.ceil(np.maximum(boxes[:, 2] - boxes[:, 0], 1) / np.float32(ow))
   if hw in ((60, 148), (28, 292)):
     assert len(np.unique(counts)) > 1, "expected windows with different sample counts"

@@ -14,12 +14,13 @@ any mix of grids that fits the canvas. Everything outside an item's region gets 
 weight (and is zeroed before sampling, so even non-finite filler cannot leak in). A (0, 0) grid
 is an empty slot: it is computed as a 1 x 1 grid and its output is finite garbage.
 
-Precision: with float32 compute everything is float32. With bfloat16 compute the casts follow
+Precision: with float32 compute everything is float32, the window boxes included (the official
+rounds them to the feature dtype, which is then float32). With bfloat16 compute the casts follow
 the official bf16 projector (spec §4.3, §10.16, §10.22): the level projections, LayerNorm
-outputs, key sums (left to right) and attention in bf16; the key position table resized in float32 and
-rounded to bf16; RoIAlign in float32 on the bf16 maps, its samples rounded to bf16; attention
-logits rounded to bf16 like torch's baddbmm output, then softmax in float32 (torch's bf16
-softmax accumulates in float32 too) rounded to bf16.
+outputs, key sums (left to right) and attention in bf16; the key position table resized in
+float32 and rounded to bf16; the window boxes rounded to bf16; RoIAlign in float32 on the bf16
+maps, its samples rounded to bf16; attention logits rounded to bf16 like torch's baddbmm output,
+then softmax in float32 (torch's bf16 softmax accumulates in float32 too) rounded to bf16.
 
 Parameter names follow the official state dict one to one (`attn.in_proj_weight` [3E, E] is
 `attn_in_proj.kernel` [E, 3E], rows q|k|v; `proj` is used as `x @ proj` in both).
@@ -146,7 +147,7 @@ class HiwinProjector(nnx.Module):
               & (jnp.arange(wc)[None, None, :] < width[:, None, None]))      # [N, Hc', Wc']
     maps = jnp.where(inside[None, ..., None], jnp.stack([key, x]), jnp.zeros((), dt))
 
-    ay, ax = jax.vmap(lambda *a: window_weights(*a, canvas_hw=(hc, wc), grid=g))(
+    ay, ax = jax.vmap(lambda *a: window_weights(*a, canvas_hw=(hc, wc), grid=g, dtype=dt))(
         height, width, oh, ow)                           # [N, G, 4, Hc'], [N, G, 4, Wc']
     # RoIAlign of all windows as two contractions; float32 like the official `level.float()`.
     rows = jnp.einsum("nrpy,tnyxe->tnrpxe", ay, maps, precision=p.matmul,

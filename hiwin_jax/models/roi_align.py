@@ -162,26 +162,25 @@ def axis_weights(start: jax.Array, end: jax.Array, out_size, length, *, canvas: 
 
 
 def roi_align(features: jax.Array, boxes: jax.Array, output_size: Sequence[int] | int, *,
-              bf16_boxes: bool = False, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+              box_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """`torchvision.ops.roi_align(features, [boxes], output_size, spatial_scale=1.0,
   sampling_ratio=-1, aligned=False)` for one NHWC image.
 
   features: [H, W, C]; boxes: [K, 4] as (x1, y1, x2, y2) in feature pixels (pixel k's centre at
   k). Returns [K, oh, ow, C] float32 (the computation runs in float32, as the official calls it
-  on `level.float()`). `bf16_boxes` first rounds the boxes float32 -> bfloat16 -> float32, as the
-  official does when it casts its window boxes to the feature dtype.
+  on `level.float()`). The boxes are first rounded float32 -> `box_dtype` -> float32, as the
+  official casts its window boxes to the feature dtype (bfloat16 in a bf16 run).
   """
   oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
-  return _roi_align(features, jnp.asarray(boxes, _F32), (int(oh), int(ow)), bool(bf16_boxes),
-                    precision)
+  return _roi_align(features, jnp.asarray(boxes, _F32), (int(oh), int(ow)),
+                    jnp.dtype(box_dtype), precision)
 
 
-@functools.partial(jax.jit, static_argnames=("output_size", "bf16_boxes", "precision"))
-def _roi_align(features, boxes, output_size, bf16_boxes, precision):
+@functools.partial(jax.jit, static_argnames=("output_size", "box_dtype", "precision"))
+def _roi_align(features, boxes, output_size, box_dtype, precision):
   oh, ow = output_size
   h, w, _ = features.shape
-  if bf16_boxes:
-    boxes = boxes.astype(jnp.bfloat16).astype(_F32)
+  boxes = boxes.astype(box_dtype).astype(_F32)
   ay = axis_weights(boxes[:, 1], boxes[:, 3], oh, h, canvas=h)             # [K, oh, H]
   ax = axis_weights(boxes[:, 0], boxes[:, 2], ow, w, canvas=w)             # [K, ow, W]
   f = features.astype(_F32)
@@ -191,52 +190,58 @@ def _roi_align(features, boxes, output_size, bf16_boxes, precision):
 
 # --- Hiwin's 12 x 12 windows -------------------------------------------------------------------
 
-def _bf16_fraction(m: jax.Array, d: int) -> jax.Array:
-  """bfloat16(float32(m / d)) as float32, for integers 0 <= m < 2^24 and a static d > 0.
+@functools.lru_cache(maxsize=64)
+def _edge_table(max_length: int, grid: int, dtype: np.dtype) -> np.ndarray:
+  """[max_length + 1, grid + 1] float32: row n holds k * n / grid as the official computes it
+  (float64, stored as float32, cast to `dtype`, read back as float32)."""
+  n = np.arange(max_length + 1, dtype=np.float64)[:, None]
+  k = np.arange(grid + 1, dtype=np.float64)[None, :]
+  return (k * n / grid).astype(np.float32).astype(dtype).astype(np.float32)
 
-  This is what the official window boxes become (float64 -> float32 -> bf16 -> float32): the
-  float64 error of its formula is far below a float32 half-ulp, so float32 holds the correctly
-  rounded m / d. Only an exact bf16 rounding tie needs care, and a tie is a dyadic value, i.e.
-  m divisible by the odd part of d: then m / d is computed exactly in integers. Otherwise m / d
-  is > 2^-10 relative away from every bf16 tie, so any float32 approximation rounds the same way.
+
+def window_edges(length, grid: int = 12, *, dtype, max_length: int | None = None) -> jax.Array:
+  """The edges k * length / grid, k = 0..grid, of the official window boxes along one axis:
+  window c spans [edges[c], edges[c + 1]]. length: an int, or a traced int <= max_length ->
+  [grid + 1] float32.
+
+  The official computes them in float64, stores them as a float32 tensor and casts that to the
+  features' dtype before RoIAlign reads it back as float32: `dtype` is that feature dtype
+  (bfloat16 in a bf16 run, where the edges are bf16-rounded; float32 in an fp32 run, where they
+  are not). The edges come from a host table computed the same way: the official's float64
+  formula differs from k * n / grid by ~1e-16 relative, which moves no float32 rounding, and
+  exact arithmetic matters here because roi / out sits on an integer for many windows, where an
+  ulp changes torchvision's sample count ceil(roi / out).
   """
-  odd, twos = d, 1
-  while odd % 2 == 0:
-    odd //= 2
-    twos *= 2
-  exact = (m // odd).astype(_F32) * np.float32(1.0 / twos)  # a power-of-two scale: exact
-  approx = m.astype(_F32) / np.float32(d)
-  v = jnp.where(m % odd == 0, exact, approx)
-  return v.astype(jnp.bfloat16).astype(_F32)
+  if max_length is None:
+    if isinstance(length, jax.core.Tracer):
+      raise ValueError("window_edges of a traced length needs its static bound max_length")
+    max_length = int(length)
+  table = _edge_table(int(max_length), int(grid), np.dtype(dtype))
+  return jnp.asarray(table)[jnp.asarray(length, jnp.int32)]
 
 
-def window_edges(length, grid: int = 12) -> jax.Array:
-  """The bf16-rounded edges k * length / grid, k = 0..grid, of the official window boxes along
-  one axis: window c spans [edges[c], edges[c + 1]]. length: int (traced is fine) -> [grid + 1]."""
-  k = jnp.arange(grid + 1, dtype=jnp.int32)
-  return _bf16_fraction(k * jnp.asarray(length, jnp.int32), grid)
-
-
-def window_boxes(height, width, grid: int = 12) -> jax.Array:
+def window_boxes(height, width, grid: int = 12, *, dtype) -> jax.Array:
   """The official boxes (x1, y1, x2, y2) of the grid x grid windows of a (height, width) map,
-  row-major over (row, column), bf16-rounded: [grid * grid, 4] float32."""
-  ye, xe = window_edges(height, grid), window_edges(width, grid)
+  row-major over (row, column), rounded to the feature `dtype` (`window_edges`):
+  [grid * grid, 4] float32."""
+  ye, xe = window_edges(height, grid, dtype=dtype), window_edges(width, grid, dtype=dtype)
   y1, x1 = jnp.meshgrid(ye[:-1], xe[:-1], indexing="ij")
   y2, x2 = jnp.meshgrid(ye[1:], xe[1:], indexing="ij")
   return jnp.stack([x1, y1, x2, y2], axis=-1).reshape(grid * grid, 4)
 
 
-def window_weights(height, width, oh, ow, canvas_hw: Sequence[int],
-                   grid: int = 12) -> tuple[jax.Array, jax.Array]:
+def window_weights(height, width, oh, ow, canvas_hw: Sequence[int], grid: int = 12, *,
+                   dtype) -> tuple[jax.Array, jax.Array]:
   """Separable RoIAlign weights of the grid x grid windows of a (height, width) map inside a
   static canvas (Hc, Wc): the samples of window (r, c) are `Ay[r] @ F @ Ax[c]^T`.
 
-  height, width, oh, ow: int scalars (traced is fine), oh and ow <= MAX_POOL. Returns
-  Ay [grid, MAX_POOL, Hc] and Ax [grid, MAX_POOL, Wc] float32; bins past oh / ow and rows or
-  columns past the map are zero.
+  height, width, oh, ow: int scalars (traced is fine), oh and ow <= MAX_POOL; dtype: the feature
+  dtype the window boxes are rounded to (`window_edges`). Returns Ay [grid, MAX_POOL, Hc] and
+  Ax [grid, MAX_POOL, Wc] float32; bins past oh / ow and rows or columns past the map are zero.
   """
   hc, wc = (int(n) for n in canvas_hw)
-  ye, xe = window_edges(height, grid), window_edges(width, grid)
+  ye = window_edges(height, grid, dtype=dtype, max_length=hc)
+  xe = window_edges(width, grid, dtype=dtype, max_length=wc)
   ay = axis_weights(ye[:-1], ye[1:], oh, height, canvas=hc, max_out=MAX_POOL)
   ax = axis_weights(xe[:-1], xe[1:], ow, width, canvas=wc, max_out=MAX_POOL)
   return ay, ax

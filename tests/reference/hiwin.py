@@ -11,13 +11,14 @@ keys and values zero-padded to the longest item with a key_padding_mask, one
 `nn.MultiheadAttention` (batch_first=False, each query token its own batch element) called once
 per query set, `ln_proj`, `cat_proj`, `ln_post`, `@ proj`.
 
-`bf16_window_edges` (default True, as the official code and hiwin_jax do) rounds the window
-boxes to bfloat16 before RoIAlign (spec §4.4); False keeps the float32 boxes k * side / 12, which
-moves the samples of levels whose side 12 does not divide.
+The window boxes are rounded to the features' dtype before RoIAlign, as the official code does
+(spec §4.4): bfloat16 in a bf16 module, nothing more in float32.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -29,10 +30,11 @@ GRID, QUERY_SETS = 12, 4
 
 def _windows(features: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
   """features (B, H, W, E), window weights ay (12, oh, H), ax (12, ow, W) -> (B * 144, oh * ow,
-  E): each window's RoIAlign bins, windows row-major, bins row-major."""
+  E): each window's RoIAlign bins, windows row-major, bins row-major. RoIAlign runs in float32 on
+  `features.float()` and its output is cast back to the features' dtype, as the official does."""
   b, _, _, e = features.shape
-  rows = torch.einsum("rpy,byxe->brpxe", ay, features)
-  bins = torch.einsum("cqx,brpxe->brcpqe", ax, rows)
+  rows = torch.einsum("rpy,byxe->brpxe", ay, features.float())
+  bins = torch.einsum("cqx,brpxe->brcpqe", ax, rows).to(features.dtype)
   return bins.reshape(b * ay.shape[0] * ax.shape[0], ay.shape[1] * ax.shape[1], e)
 
 
@@ -40,11 +42,10 @@ class Hiwin(nn.Module):
   """kv_dim C (the ViT width), embed_dim E, num_heads; `scales` the levels of feature_scale_mask
   (1x, 2x, 4x for 7). Random init; load real or test weights with `load_state_dict`."""
 
-  def __init__(self, kv_dim: int, embed_dim: int, num_heads: int, scales=(1, 2, 4), *,
-               bf16_window_edges: bool = True):
+  def __init__(self, kv_dim: int, embed_dim: int, num_heads: int, scales=(1, 2, 4)):
     super().__init__()
     e, q = embed_dim, GRID * GRID
-    self.scales, self.bf16_window_edges = tuple(scales), bf16_window_edges
+    self.scales = tuple(scales)
     self.pos_embed = nn.Parameter(0.02 * torch.randn(q, e))
     for s in self.scales:
       setattr(self, f"feature_{s}x_embedding", nn.Parameter(torch.zeros(1, 1, e)))
@@ -69,7 +70,8 @@ class Hiwin(nn.Module):
                           size=(h, w), mode="bicubic", align_corners=False)
       key = x + pos[0].permute(1, 2, 0) + getattr(self, f"feature_{s}x_embedding")[0]
       ay, ax = (torch.from_numpy(a).to(x.device) for a in roi_align.window_weights(
-          h, w, roi_align.pooling_size(w / h), GRID, bf16=self.bf16_window_edges))
+          h, w, roi_align.pooling_size(w / h), GRID,
+          dtype=ml_dtypes.bfloat16 if x.dtype == torch.bfloat16 else np.float32))
       keys.append(_windows(key, ay, ax))
       values.append(_windows(x, ay, ax))
     return torch.cat(keys, 1), torch.cat(values, 1)

@@ -73,11 +73,11 @@ def roi_align(features, boxes, output_size) -> np.ndarray:
   return out
 
 
-def window_boxes(height: int, width: int, num_windows: int = 144, *,
-                 bf16: bool = True) -> np.ndarray:
+def window_boxes(height: int, width: int, num_windows: int = 144, *, dtype) -> np.ndarray:
   """`slice_image_feature_minicpm`'s windows on an H x W map -> boxes [num_windows, 4] float32
-  (x1, y1, x2, y2), row-major: crop sizes in float64, a float32 tensor, then rounded to bfloat16
-  (the official code casts them to the bf16 feature dtype) unless `bf16` is False."""
+  (x1, y1, x2, y2), row-major: crop sizes in float64, a float32 tensor, then cast to the features'
+  `dtype` (numpy or ml_dtypes: bfloat16 in a bf16 run, float32 in an fp32 run) and read back as
+  float32 by RoIAlign."""
   ratio = height * width / num_windows
   crop_h = math.sqrt(ratio / (width / height))
   crop_w = crop_h * (width / height)
@@ -85,7 +85,7 @@ def window_boxes(height: int, width: int, num_windows: int = 144, *,
   assert rows * cols == num_windows
   boxes = np.asarray([[j * crop_w, i * crop_h, j * crop_w + crop_w, i * crop_h + crop_h]
                       for i in range(rows) for j in range(cols)], np.float32)
-  return boxes.astype(ml_dtypes.bfloat16).astype(np.float32) if bf16 else boxes
+  return boxes.astype(dtype).astype(np.float32)
 
 
 def pooling_size(ratio: float) -> tuple[int, int]:
@@ -110,12 +110,12 @@ def _axis_weights(start, end, out: int, length: int) -> np.ndarray:
 
 
 def window_weights(height: int, width: int, output_size, grid: int = 12, *,
-                   bf16: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """`roi_align` of the grid x grid `window_boxes`, one axis at a time -> (ay [grid, oh, H],
-  ax [grid, ow, W]) float32 with, up to rounding,
+                   dtype) -> tuple[np.ndarray, np.ndarray]:
+  """`roi_align` of the grid x grid `window_boxes` (rounded to the feature `dtype`), one axis at a
+  time -> (ay [grid, oh, H], ax [grid, ow, W]) float32 with, up to rounding,
     roi_align(f, window_boxes(H, W))[grid * r + c] = einsum("py,qx,yxe->pqe", ay[r], ax[c], f)
   (window (r, c) spans row r's and column c's extent; each axis is divided by its sample count)."""
-  boxes = window_boxes(height, width, grid * grid, bf16=bf16)
+  boxes = window_boxes(height, width, grid * grid, dtype=dtype)
   oh, ow = output_size
   ay = np.stack([_axis_weights(y1, y2, oh, height) for _, y1, _, y2 in boxes[::grid]])
   ax = np.stack([_axis_weights(x1, x2, ow, width) for x1, _, x2, _ in boxes[:grid]])
