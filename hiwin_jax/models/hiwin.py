@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 from hiwin_jax.models import resize
-from hiwin_jax.models.layers import (LayerNorm, Linear, Precision, checkpoint_name, normal_init,
-                                     param)
+from hiwin_jax.models.layers import (LayerNorm, Linear, Precision, biased_matmul, checkpoint_name,
+                                     normal_init, param, scaled)
 from hiwin_jax.models.roi_align import (MAX_POOL, pooling_size, window_slots, window_weights)
 
 _F32 = jnp.float32
@@ -90,9 +90,9 @@ class HiwinProjector(nnx.Module):
     def table(key, shape, dtype):
       return jnp.asarray(sincos_pos_embed(shape[1], g), dtype)
 
-    def linear(n_in, n_out, axes, *, bias=True, init=normal_init(0.02)):
+    def linear(n_in, n_out, axes, *, bias=True, init=normal_init(0.02), fused_bias=True):
       return Linear(n_in, n_out, axes=axes, use_bias=bias, precision=precision, rngs=rngs,
-                    kernel_init=init)
+                    kernel_init=init, fused_bias=fused_bias)
 
     def norm():
       return LayerNorm(e, eps=1e-6, axis_name="norm", precision=precision)
@@ -106,8 +106,12 @@ class HiwinProjector(nnx.Module):
               param(None, jax.nn.initializers.zeros, (1, 1, e), pd, (None, None, "embed")))
     for k in range(1, NUM_QUERY_SETS + 1):
       setattr(self, f"query_{k}", param(rngs, normal_init(0.02), (q, e), pd, (None, "embed")))
+    # The official projects `level.permute(0, 2, 3, 1)`: contiguous (channels-last) for the ViT's
+    # 1x map, a non-contiguous view of the JBU's NCHW output for 2x/4x, where torch's F.linear
+    # rounds the bf16 product before adding the bias (`Linear.fused_bias`).
     for s in LEVEL_SCALES:
-      setattr(self, f"features_{s}x_projector", linear(kv, e, ("vision_embed", "embed")))
+      setattr(self, f"features_{s}x_projector",
+              linear(kv, e, ("vision_embed", "embed"), fused_bias=s == 1))
     self.attn_in_proj = linear(e, 3 * e, ("embed", "heads"),
                                init=jax.nn.initializers.xavier_uniform())
     self.attn_out_proj = linear(e, e, ("heads", "embed"))
@@ -166,17 +170,19 @@ class HiwinProjector(nnx.Module):
     n, q, l, _ = keys.shape
     hd = e // nh
     w_in = self.attn_in_proj.kernel[...].astype(dt)
-    b_in = self.attn_in_proj.bias[...].astype(dt)
+    b_in = self.attn_in_proj.bias[...]
 
     def in_proj(x, i):
+      # torch's MHA projects the contiguous queries with addmm (one rounding) and the transposed
+      # (non-contiguous) keys and values with matmul + add_ (two).
       cols = slice(i * e, (i + 1) * e)
-      return jnp.matmul(x, w_in[:, cols], precision=p.matmul) + b_in[cols]
+      return biased_matmul(x, w_in[:, cols], b_in[cols], p, fused=i == 0)
 
     pos = self.pos_embed[...].astype(dt)
     queries = jnp.stack([self.ln_q(getattr(self, f"query_{k}")[...]) + pos
                          for k in range(1, NUM_QUERY_SETS + 1)])              # [S, Q, E]
-    # torch scales q after the in-projection, by sqrt(1 / head_dim).
-    qh = (checkpoint_name(in_proj(queries, 0), "query_proj") * math.sqrt(1.0 / hd))
+    # torch scales q after the in-projection, by sqrt(1 / head_dim) (a Python float).
+    qh = scaled(checkpoint_name(in_proj(queries, 0), "query_proj"), math.sqrt(1.0 / hd))
     qh = qh.reshape(NUM_QUERY_SETS, q, nh, hd)
     mask = valid[:, None, None, None, :]
     if self.attention == "official":
@@ -200,8 +206,9 @@ class HiwinProjector(nnx.Module):
                           preferred_element_type=_F32).astype(dt).astype(_F32)
       probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(dt)
       mixed = jnp.einsum("nsqhl,nqle->nsqhe", probs, values.astype(dt), precision=p.matmul)
-      ctx = (jnp.einsum("nsqhe,ehd->nsqhd", mixed, wv, precision=p.matmul)
-             + b_in[2 * e:].reshape(nh, hd))
+      ctx = (jnp.einsum("nsqhe,ehd->nsqhd", mixed, wv, precision=p.matmul,
+                        preferred_element_type=_F32)
+             + b_in[2 * e:].reshape(nh, hd).astype(dt).astype(_F32)).astype(dt)
     ctx = checkpoint_name(ctx.reshape(n, NUM_QUERY_SETS, q, e), "context")
     out = self.ln_proj(self.attn_out_proj(ctx))                              # [N, S, Q, E]
     z = jnp.moveaxis(out, 1, 2).reshape(n, q, NUM_QUERY_SETS * e)            # q1 | q2 | q3 | q4

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from hiwin_jax.kernels.adaptive_conv import adaptive_conv
-from hiwin_jax.models.layers import Linear, Precision, param
+from hiwin_jax.models.layers import Linear, Precision, param, scaled
 from hiwin_jax.models.resize import (adaptive_avg_pool2d, reflect_pad, reflect_pad_per_item,
                                      resize_bicubic, upsample2x_bicubic)
 
@@ -67,12 +67,6 @@ def dropout2d(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 def _gelu(x: jax.Array) -> jax.Array:
   """`torch.nn.GELU()` (exact erf form), computed in float32 and rounded to x's dtype."""
   return jax.nn.gelu(x.astype(_F32), approximate=False).astype(x.dtype)
-
-
-def _scaled(x: jax.Array, factor: np.float32) -> jax.Array:
-  """`factor * x` as torch evaluates a Python scalar times a tensor: in float32, rounded to x's
-  dtype (in bf16, multiplying by bf16(0.1) instead changes many output elements)."""
-  return (x.astype(_F32) * factor).astype(x.dtype)
 
 
 def _conv1x1(in_features: int, out_features: int, axes, precision: Precision,
@@ -210,7 +204,7 @@ class JBULearnedRange(nnx.Module):
     kernel = kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-7)
     fix_in = jnp.concatenate([kernel.astype(cd), guidance], axis=-1)
     fix = self.fixup_proj_3(dropout2d(_gelu(self.fixup_proj_0(fix_in)), 0.1, rng_fixup))
-    return kernel + _scaled(fix, _TENTH).astype(_F32)  # no renormalisation, as in the official
+    return kernel + scaled(fix, _TENTH).astype(_F32)  # no renormalisation, as in the official
 
   def __call__(self, source: jax.Array, guidance: jax.Array, *, grid: jax.Array | None = None,
                dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -304,5 +298,5 @@ class JBUStack(nnx.Module):
                                   dropout_rng=rngs[k - 1]).astype(cd)
       out[f"feat{s}x"] = x
     fix = self.fixup_proj(dropout2d(x, 0.2, rngs[-1]))
-    out[f"feat{self.scale}x"] = x + _scaled(fix, _TENTH)
+    out[f"feat{self.scale}x"] = x + scaled(fix, _TENTH)
     return out

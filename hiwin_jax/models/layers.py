@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name as _checkpoint_name
 
@@ -61,23 +62,53 @@ def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], dtype:
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, kernel stored (in, out) (PyTorch `nn.Linear.weight` transposed)."""
+  """y = x @ kernel + bias, kernel stored (in, out) (PyTorch `nn.Linear.weight` transposed).
+
+  `fused_bias` says where a bf16 result is rounded (`biased_matmul`): True (torch's `F.linear` on
+  a 2-D or contiguous input, and its CPU convolutions) rounds once, after the bias; False (torch's
+  `F.linear` on a non-contiguous input: matmul, then `add_`) rounds the product, then the sum.
+  Modules set False only where the official code feeds a non-contiguous tensor.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                use_bias: bool, precision: Precision, rngs: nnx.Rngs,
-               kernel_init: Initializer = normal_init()):
+               kernel_init: Initializer = normal_init(), fused_bias: bool = True):
     self.precision = precision
+    self.fused_bias = fused_bias
     self.kernel = param(rngs, kernel_init, (in_features, out_features), precision.param_dtype, axes)
     self.bias = (param(rngs, jax.nn.initializers.zeros, (out_features,), precision.param_dtype,
                        (axes[1],)) if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., in] -> [..., out] in the compute dtype."""
-    p = self.precision
-    y = jnp.matmul(x.astype(p.dtype), self.kernel[...].astype(p.dtype), precision=p.matmul)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(p.dtype)
-    return y
+    return biased_matmul(x, self.kernel[...], None if self.bias is None else self.bias[...],
+                         self.precision, fused=self.fused_bias)
+
+
+def biased_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                  precision: Precision, *, fused: bool = True) -> jax.Array:
+  """x @ kernel + bias, x: [..., in], kernel: [in, out], bias: [out] -> [..., out] in the compute
+  dtype. The products accumulate in float32. `fused`: the bias is added to the float32 sum and
+  the result rounded once, as torch's addmm (`F.linear` on 2-D or contiguous inputs, CPU
+  convolutions) does; otherwise the product is rounded first and the bias added in the compute
+  dtype, as torch's matmul + `add_` (`F.linear` on non-contiguous inputs, cuDNN convolutions).
+  In bf16 the two rules disagree on ~28% of the outputs of a 1024-wide projection."""
+  dt = precision.dtype
+  y = jnp.matmul(x.astype(dt), kernel.astype(dt), precision=precision.matmul,
+                 preferred_element_type=jnp.float32)
+  if bias is None:
+    return y.astype(dt)
+  if not fused:
+    return y.astype(dt) + bias.astype(dt)
+  # The bias is a compute-dtype parameter in torch's run too: round it first, add it in float32.
+  return (y + bias.astype(dt).astype(jnp.float32)).astype(dt)
+
+
+def scaled(x: jax.Array, factor: float) -> jax.Array:
+  """`factor * x` as torch evaluates a Python scalar times a tensor: the factor as float32, the
+  product in float32, rounded once to x's dtype (a weakly typed `x * factor` in JAX would round
+  the factor to bf16 first: sqrt(1/128) or 0.1 then change many bf16 products)."""
+  return (x.astype(jnp.float32) * np.float32(factor)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -66,8 +66,9 @@ class Hiwin(nn.Module):
       f = levels[s]
       h, w = f.shape[-2:]
       x = self.ln_kv(getattr(self, f"features_{s}x_projector")(f.permute(0, 2, 3, 1)))
-      pos = F.interpolate(self.pos_embed.reshape(1, GRID, GRID, -1).permute(0, 3, 1, 2),
-                          size=(h, w), mode="bicubic", align_corners=False)
+      # `get_abs_pos`: the table resized in float32, then cast to its own dtype.
+      pos = F.interpolate(self.pos_embed.float().reshape(1, GRID, GRID, -1).permute(0, 3, 1, 2),
+                          size=(h, w), mode="bicubic", align_corners=False).to(x.dtype)
       key = x + pos[0].permute(1, 2, 0) + getattr(self, f"feature_{s}x_embedding")[0]
       ay, ax = (torch.from_numpy(a).to(x.device) for a in roi_align.window_weights(
           h, w, roi_align.pooling_size(w / h), GRID,

@@ -38,9 +38,9 @@ def adaptive_conv(up: torch.Tensor, kernel: torch.Tensor, impl: str = "unfold") 
 
 
 def _conv1x1(x, sd, name):
-  # cuDNN, which ran the official bf16 projector, adds the bias after the convolution (the bf16
-  # output is rounded twice); torch's CPU convolution would fuse it.
-  return F.conv2d(x, sd[name + ".weight"]) + sd[name + ".bias"].reshape(-1, 1, 1)
+  # torch's CPU convolution adds the bias to the float32 accumulator (a bf16 output is rounded
+  # once); cuDNN, which ran the official bf16 training, adds it after the bf16 convolution output.
+  return F.conv2d(x, sd[name + ".weight"], sd[name + ".bias"])
 
 
 def jbu_step(source, guidance, sd, dt=torch.float32, conv: str = "unfold"):
