@@ -98,7 +98,7 @@ def _validated(path: str, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
   try:
     width, height = sources.header_size(path)
   except sources.HeaderError as e:
-    raise sources.SampleError("unreadable_image", f"{path}: {e}") from None
+    raise sources.SampleError(e.reason, f"{path}: {e}") from None
   if width * height > max_pixels:
     raise sources.SampleError("too_many_pixels", f"{path} is {width}x{height} = "
                               f"{width * height:,} pixels, more than the budget of {max_pixels:,}")

@@ -80,11 +80,12 @@ def cache_key(source: Source, tokenizer, settings: Settings, shard_records: int)
 
 def scan(source: Source, tokenizer, settings: Settings, cache_dir: str | None = None, *,
          workers: int = 0, process_index: int = 0, process_count: int = 1,
-         shard_records: int = SHARD_RECORDS) -> Metadata:
+         shard_records: int | None = None) -> Metadata:
   """The metadata pass over every record (module docstring). `cache_dir`: the folder of the
   cache (None: a temporary one, removed afterwards); `workers`: processes on this host (0: one
   per core); `process_index`/`process_count`: this process's share when several processes
-  (hosts) share `cache_dir`."""
+  (hosts) share `cache_dir`; `shard_records`: default `SHARD_RECORDS`."""
+  shard_records = shard_records or SHARD_RECORDS
   if cache_dir is None:
     with tempfile.TemporaryDirectory(prefix="hiwin-meta-") as tmp:
       return scan(source, tokenizer, settings, tmp, workers=workers,

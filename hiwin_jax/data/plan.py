@@ -213,15 +213,7 @@ class Plan:
       draws[pos] = all_draws[a["index"][pos]]
       ov[pos], sl[pos], n[pos], length[pos] = geo[inv, 0], geo[inv, 1], geo[inv, 2], new_len[take]
     codes = np.stack([ov, sl, n, s.seq_bucket(length)], axis=1).astype(np.int64)
-    # np.unique(codes, axis=0) through one int64 per row: the mixed-radix number of the row
-    # (every column shifted to >= 0) sorts like the row, so groups and their order are the same.
-    shifted = codes + np.array([1, 1, 0, 0])
-    radix = shifted.max(axis=0, initial=0) + 1
-    scalar = ((shifted[:, 0] * radix[1] + shifted[:, 1]) * radix[2] + shifted[:, 2]) * radix[3] \
-        + shifted[:, 3]
-    _, first, inverse = np.unique(scalar, return_index=True, return_inverse=True)
-    uniq = codes[first]
-    inverse = inverse.reshape(-1)
+    uniq, inverse = unique_rows(codes)
     order = np.argsort(inverse, kind="stable")
     groups = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(uniq)))[:-1])
     rng = np.random.default_rng([s.seed, e, 1])
@@ -247,6 +239,19 @@ class Plan:
     perm = rng.permutation(len(keys)) if s.shuffle else np.arange(len(keys))
     return EpochPlan(np.asarray(keys, np.int64)[perm], np.asarray(members, np.int64)[perm],
                      np.asarray(filler, bool)[perm], draws, length)
+
+
+def unique_rows(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`np.unique(codes, axis=0, return_inverse=True)` of int64 [N, C] rows >= -1, through one
+  int64 per row: its mixed-radix number (columns shifted to >= 0) sorts like the row, so the
+  rows and the inverse are the same, without sorting [N, C] records."""
+  shifted = codes + 1
+  radix = shifted.max(axis=0, initial=0) + 1
+  scalar = np.zeros(len(codes), np.int64)
+  for c in range(codes.shape[1]):
+    scalar = scalar * radix[c] + shifted[:, c]
+  _, first, inverse = np.unique(scalar, return_index=True, return_inverse=True)
+  return codes[first], inverse.reshape(-1)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -48,7 +48,12 @@ class RecordError(ValueError):
 
 
 class HeaderError(ValueError):
-  """An image whose header cannot be read."""
+  """An image whose header cannot be read (`reason` "unreadable_image"), or that PIL refuses to
+  open for its pixel count ("too_many_pixels")."""
+
+  def __init__(self, message: str, reason: str = "unreadable_image"):
+    super().__init__(message)
+    self.reason = reason
 
 
 class SampleError(Exception):
@@ -163,6 +168,8 @@ def header_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
     with Image.open(fp) as img:
       width, height = img.size
       orientation = _orientation(img, source)
+  except Image.DecompressionBombError as e:
+    raise HeaderError(f"{type(e).__name__}: {e}", "too_many_pixels") from e
   except Exception as e:
     raise HeaderError(f"{type(e).__name__}: {e}") from e
   return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
@@ -395,8 +402,8 @@ class JsonSource:
     try:
       return Inspected(rid, record, size=header_size(path), image=path, stat=seen)
     except HeaderError as e:
-      return Inspected(rid, record, reason="unreadable_image", message=f"{path}: {e}",
-                       image=path, stat=seen)
+      return Inspected(rid, record, reason=e.reason, message=f"{path}: {e}", image=path,
+                       stat=seen)
 
   def fetch(self, i: int) -> tuple[Record, Any]:
     """The record and its image (a path inside the image folder; None for text-only).
