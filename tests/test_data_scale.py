@@ -23,7 +23,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from hiwin_jax import config as C
-from hiwin_jax.data import array_record, image, loader, metadata, plan, sources
+from hiwin_jax.data import array_record, image, loader, metadata, npy_files, plan, sources
 from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
 
 VICUNA = pathlib.Path(__file__).resolve().parent / "fixtures" / "vicuna-tokenizer"
@@ -309,22 +309,24 @@ def _child(args):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["json", "array_record"])
 def test_two_os_processes_share_the_metadata_pass_and_make_the_global_batch(small, tok,
-                                                                            tmp_path):
-  """Two processes on the JSON source with a shared `data.cache_dir`: each computes its share of
-  the metadata pass (both are alive: their markers are fresh) and their batches concatenate to
-  the one-process ones."""
-  json_path, images, _ = small
-  d, model = _cfgs(json_path, images, cache_dir=str(tmp_path / "cache"))
-  key = metadata.cache_key(sources.JsonSource(json_path, images), tok, _settings(d, model), 8)
+                                                                            tmp_path, fmt):
+  """Two OS processes, from the JSON source or from the prepared form, with a shared
+  `data.cache_dir`: each computes its share of the metadata pass (both are alive: their markers
+  are fresh) and their batches concatenate to the one-process ones."""
+  json_path, images, prepared = small
+  extra = {} if fmt == "json" else {"format": "array_record", "array_record_dir": prepared}
+  d, model = _cfgs(json_path, images, cache_dir=str(tmp_path / "cache"), **extra)
+  key = metadata.cache_key(loader.make_source(d), tok, _settings(d, model), 8)
   (tmp_path / "cache" / f"meta-{key}").mkdir(parents=True)
   for p in range(2):
     (tmp_path / "cache" / f"meta-{key}" / f"process-{p}-of-2").touch()
   with multiprocessing.get_context("spawn").Pool(2) as pool:
     (a, done_a), (b, done_b) = pool.map(_child, [(d, model, p) for p in range(2)])
   assert done_a == list(range(0, 60, 16)) and done_b == list(range(8, 60, 16))
-  one = list(itertools.islice(loader.make_train_iterator(_cfgs(json_path, images)[0], model,
-                                                         tok), 4))
+  d_one, _ = _cfgs(json_path, images, cache_dir=str(tmp_path / "one"), **extra)
+  one = list(itertools.islice(loader.make_train_iterator(d_one, model, tok), 4))
   assert len(one) == len(a) == len(b) == 4
   for g, x, y in zip(one, a, b):
     for k, v in _concat([x, y]).items():
@@ -342,22 +344,42 @@ class _CountingJson(sources.JsonSource):
     return super().raw(i)
 
 
-def test_a_worker_reads_only_its_share_and_holds_no_record_list(small, tok, tmp_path):
+class _CountingPrepared(array_record.ArrayRecordSource):
+  """Records every record it reads from the prepared form."""
+  reads: list
+
+  def entry(self, i):
+    self.reads.append(int(i))
+    return super().entry(i)
+
+
+@pytest.mark.parametrize("fmt", ["json", "array_record"])
+def test_a_worker_reads_only_its_share_and_holds_no_record_list(small, tok, tmp_path, fmt,
+                                                                monkeypatch):
   json_path, images, prepared = small
   d, model = _cfgs(json_path, images, global_batch_size=8, grad_accum=2)
-  source = _CountingJson(json_path, images, index_dir=tmp_path)
+  source = (_CountingJson(json_path, images, index_dir=tmp_path) if fmt == "json"
+            else _CountingPrepared(prepared))
   source.reads = []
   the_plan, _ = loader.make_plan(d, model, tok, source=source, cache=str(tmp_path))
   steps = plan.StepTable.write(the_plan, tmp_path)
+  source.reads = []
   worker = pickle.loads(pickle.dumps(loader.StepLoader(steps, the_plan.settings, source, tok, 1,
                                                        2, the_plan.epoch_starts)))
-  worker.source.reads = []
+  # what a worker is sent holds nothing in proportion to the records (the json index and the
+  # step table travel as paths to row files)
+  assert not any(isinstance(v, (np.ndarray, list, dict)) and len(v) >= len(source)
+                 for obj in (worker, worker.source, worker.steps) for v in vars(obj).values())
+  monkeypatch.setattr(npy_files.RowFile, "read_all",
+                      lambda self: pytest.fail(f"a worker read all of {self.path}"))
   for step in (0, 3, 5):
     worker(step)
     mine = steps.members(step)["record"][worker.positions()]
     assert worker.source.reads[-len(mine):] == list(mine)
   assert len(worker.source.reads) == 3 * len(worker.positions()) == 12
 
+
+def test_what_a_worker_is_sent_does_not_grow_with_the_records(tok, tmp_path):
   def pickled_size(n, fmt):
     root = tmp_path / f"n{n}{fmt}"
     jp, im = _write(root, n)
