@@ -294,8 +294,6 @@ def _answer(args, overrides) -> int:
   from hiwin_jax import weights
   from hiwin_jax.infer import evaluate
   from hiwin_jax.infer.generate import GenerationConfig
-  if args.command == "eval":
-    evaluate.read_questions(args.questions)  # a malformed file fails before the model loads
   tokenizer = evaluate.load_tokenizer(args.tokenizer)
   model, cfg_model = weights.load_model(args.checkpoint, args.config, overrides, args.dtype)
   gen = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
