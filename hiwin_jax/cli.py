@@ -91,14 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the written tensors (float32, bfloat16; default: as stored)")
 
   data = sub.add_parser(
-      "data", help="training data tools (build: LLaVA json + images -> ArrayRecord)",
-      description="build: writes a LLaVA-format json and its image folder as an ArrayRecord "
-                  "dataset (TFDS builder, no tensorflow needed) for data.format=array_record; "
-                  "set data.array_record_dir to the folder it prints.")
+      "data", help="training data tools (build: LLaVA json + images -> prepared ArrayRecord)",
+      description="build: writes a LLaVA-format json and its image folder once as the prepared "
+                  "dataset (ArrayRecord records + each distinct image once, validated) for "
+                  "data.format=array_record; set data.array_record_dir to the folder it prints. "
+                  "Uses every core of the host.")
   data.add_argument("action", choices=["build"])
   data.add_argument("--json", required=True, help="LLaVA json: [{id, image, conversations}]")
   data.add_argument("--images", required=True, help="folder the json's image paths are in")
   data.add_argument("--out", required=True, help="output folder")
+  data.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it holds an earlier prepared dataset")
+  data.add_argument("--max-pixels", type=int, default=None,
+                    help="pixel budget: images whose header declares more are not stored "
+                         "(default: 150,000,000)")
+  data.add_argument("--workers", type=int, default=0, help="processes (default 0: one per core)")
 
   gen = sub.add_parser(
       "generate", help="answer a question about one or more images",
@@ -314,9 +321,14 @@ def _aot(args, overrides) -> int:
 
 def _data(args, overrides) -> int:
   del overrides
-  from hiwin_jax.data import array_record
-  out = array_record.build(args.json, args.images, args.out)
-  logging.getLogger("hiwin").info("wrote the ArrayRecord dataset %s", out)
+  from hiwin_jax.data import array_record, image
+  out = array_record.build(args.json, args.images, args.out, overwrite=args.overwrite,
+                           max_pixels=args.max_pixels or image.MAX_IMAGE_PIXELS,
+                           workers=args.workers)
+  manifest = array_record.read_manifest(out)
+  logging.getLogger("hiwin").info(
+      "wrote the prepared dataset %s: %d records, %d images; entries with errors: %s", out,
+      manifest["num_records"], manifest["num_images"], manifest["errors"] or "none")
   print(out)
   return 0
 
@@ -340,9 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from hiwin_jax.convert.safetensors_io import CheckpointError
   from hiwin_jax.data.image import ImageError
+  from hiwin_jax.data.sources import DataFileError
+  from hiwin_jax.infer.evaluate import QuestionFileError
   try:
     return HANDLERS[args.command](args, overrides)
-  except (CheckpointError, ImageError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (CheckpointError, ImageError, DataFileError, QuestionFileError, FileNotFoundError,
+          FileExistsError, KeyError) as e:
     # Bad input the user can fix: one clear line, no traceback.
     print(f"hiwin {args.command}: error: {e}", file=sys.stderr)
     return 2

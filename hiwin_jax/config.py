@@ -176,7 +176,11 @@ def data_config() -> ConfigDict:
       "remainder": "pad",          # "pad" (filler samples, labels -100) | "drop"
       "workers": 0,                # grain worker processes; 0 = in the training process
       "prefetch": 2,               # steps prefetched (per worker)
-      "cache_dir": "",             # metadata cache; "" = no cache
+      "cache_dir": "",             # metadata cache (share it between hosts to split the pass);
+                                   # "" = the prepared dataset's cache/ (array_record) or none
+      "metadata_workers": 0,       # processes of the metadata pass on each host; 0 = all cores
+      "max_image_pixels": 150_000_000,  # = data.image.MAX_IMAGE_PIXELS: images declaring more
+                                        # pixels are refused, not decoded
       "epochs": 1,
   })
 

@@ -22,6 +22,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_RESCALE = 1 / 255
 
+# Pixel budget: an image whose header declares more pixels is refused before it is decoded (a
+# 600 dpi A3 scan has 70M; PIL itself refuses above 2 x Image.MAX_IMAGE_PIXELS = 179M).
+MAX_IMAGE_PIXELS = 150_000_000
+
 TRAIN_TEXTVQA_MAX_SIZE = 1024
 EVAL_TEXTVQA_MAX_SIZE = 1536
 EVAL_DEFAULT_MAX_SIZE = 1024
@@ -39,7 +43,8 @@ class ImageError(ValueError):
 
 
 def load_image(source: str | os.PathLike | bytes | bytearray | memoryview, *,
-               name: str | None = None, exif_transpose: bool = True) -> Image.Image:
+               name: str | None = None, exif_transpose: bool = True,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
   """Decode an image file (path or encoded bytes) to a fully loaded RGB PIL image.
 
   Mode handling, chosen to match the official loader `Image.open(path).convert('RGB')` wherever
@@ -58,7 +63,8 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview, *,
     image as stored rather than failing.
 
   Raises ImageError (a ValueError) naming `name` (default: the path, or "<N bytes>") and the
-  reason for a missing, unreadable, non-image or truncated file. Truncation is detected as long
+  reason for a missing, unreadable, non-image or truncated file, or for a header declaring more
+  than `max_pixels` pixels (checked before any pixel is decoded). Truncation is detected as long
   as `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is left False (this module never sets it).
   """
   if isinstance(source, (bytes, bytearray, memoryview)):
@@ -70,10 +76,16 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview, *,
     fp = source
   try:
     with Image.open(fp) as img:
+      width, height = img.size
+      if width * height > max_pixels:
+        raise ImageError(f"image {label!r} is {width}x{height} = {width * height:,} pixels, more "
+                         f"than the budget of {max_pixels:,} (not decoded)")
       img.load()
       if exif_transpose:
         img = _exif_transpose(img)
       return _to_rgb(img)
+  except ImageError:
+    raise
   except Exception as e:  # any decoder failure is a property of this file, not of the program
     raise ImageError(f"cannot load image {label!r}: {type(e).__name__}: {e}") from e
 

@@ -1,19 +1,26 @@
 """The training data loader: LLaVA conversations + images -> static-shape batches, through grain.
 
 `make_train_iterator(cfg.data, cfg.model, tokenizer)` is the entry point. Under it:
-`sources` (records: a LLaVA json + image folder, or the `array_record` dataset), `metadata` (one
-cached pass over every record: sizes, geometry, spliced lengths, bad records), `plan` (the
-global plan: which samples form the global batch of every step, identical on every process) and,
-here, the loading of a step and the checkpointable iterator.
+`sources` (records: a LLaVA json + image folder, or the prepared `array_record` dataset),
+`metadata` (one cached, parallel pass over every record: sizes, geometry, spliced lengths, bad
+records), `plan` (the global plan: which samples form the global batch of every step, identical
+on every process, stored as a `StepTable`) and, here, the loading of a step and the
+checkpointable iterator.
 
 Loading (`StepLoader`, runs in grain workers): a global batch of G samples is split into k =
 `grad_accum` global micro-batches of G/k, and process p of P takes the p-th contiguous 1/P of
 each micro-batch (micro-batch-major rather than process-major: with k = 1 this is samples
 [p*b, (p+1)*b), and for any k the process-major concatenation of the processes' micro-batch m is
-exactly the micro-batch m that P = 1 produces). Per sample: `image.load_image`, then
-`image.prepare_image` with the training pre-resize of the planned draw, and `layout.splice`.
-A sample whose image fails at load time despite a good header is replaced by a filler copy of
-another sample of the batch and counted (reason `unreadable_image` or `size_mismatch`).
+exactly the micro-batch m that P = 1 produces). A process reads, decodes and slices only the
+samples of its share. Per sample: `image.load_image`, then `image.prepare_image` with the
+training pre-resize of the planned draw, and `layout.splice`. A sample whose image fails at load
+time despite a good header is replaced by a filler copy of the first loadable sample of the
+global batch (the one case where a process loads a sample outside its share, so that P processes
+still make the single-process batch) and counted (reason `unreadable_image`, `size_mismatch`, or
+`outside_image_folder` for a path that no longer resolves inside the image folder).
+
+What a grain worker receives is small whatever the dataset's size: the settings, the tokenizer,
+the source (paths) and the step table (paths); it reads the rows of the steps it loads.
 
 Output per step: "input_ids", "image_token", "labels" int32 [k, b/k, S], "attention_mask" bool
 [k, b/k, S], "buckets": tuple (ascending configured bucket) of {"pixels": float32 [k, n, 14Hc,
@@ -36,23 +43,19 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import pathlib
+import tempfile
 
 import numpy as np
 
 from hiwin_jax.data import image, layout, metadata, slicing
 from hiwin_jax.data.array_record import ArrayRecordSource
 from hiwin_jax.data.conversation import IGNORE_INDEX, preprocess
-from hiwin_jax.data.plan import EpochPlan, Plan, SampleKey, Settings
-from hiwin_jax.data.sources import JsonSource, Source
+from hiwin_jax.data.plan import Plan, SampleKey, Settings, StepTable, sample_key
+from hiwin_jax.data.sources import JsonSource, SampleError, Source
 
 log = logging.getLogger(__name__)
-
-
-class _LoadError(Exception):
-
-  def __init__(self, reason: str, message: str):
-    super().__init__(f"{reason}: {message}")
-    self.reason, self.message = reason, message
 
 
 @dataclasses.dataclass
@@ -64,76 +67,80 @@ class _Sample:
 
 class StepLoader:
   """grain map: step -> this process's share of the step's global batch (module docstring).
-  Picklable; the plan's epochs are recomputed lazily in each worker."""
+  Picklable and small: the step table and the source are read on demand in each worker.
+  `epoch_starts`: the first step of each epoch, then the total (`Plan._starts`)."""
 
-  def __init__(self, plan: Plan, source: Source, tokenizer, process_index: int = 0,
-               process_count: int = 1):
-    s = plan.settings
-    g, k, p_count = s.global_batch_size, s.grad_accum, process_count
+  def __init__(self, steps: StepTable, settings: Settings, source: Source, tokenizer,
+               process_index: int = 0, process_count: int = 1, epoch_starts=(0,)):
+    g, k, p_count = settings.global_batch_size, settings.grad_accum, process_count
     if g % k or (g // k) % p_count:
       raise ValueError(f"data.global_batch_size={g} must split into grad_accum={k} micro-batches "
                        f"of equal size divisible by process_count={p_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-    self.plan, self.source, self.tokenizer = plan, source, tokenizer
+    self.steps, self.settings, self.source, self.tokenizer = steps, settings, source, tokenizer
     self.process_index, self.process_count = process_index, process_count
+    self.epoch_starts = tuple(int(x) for x in epoch_starts)
     self.per_micro = g // k // p_count  # samples per process per micro-batch
 
   def positions(self) -> list[int]:
     """Batch positions of this process, micro-batch-major."""
-    s = self.plan.settings
+    s = self.settings
     micro = s.global_batch_size // s.grad_accum
     p0 = self.process_index * self.per_micro
     return [m * micro + p0 + i for m in range(s.grad_accum) for i in range(self.per_micro)]
 
-  def _load(self, pos: int, ep: EpochPlan) -> _Sample:
-    s, a = self.plan.settings, self.plan.meta.arrays
-    record, image_file = self.source.fetch(int(a["index"][pos]))  # a path or encoded bytes
+  def _load(self, member) -> _Sample:
+    """One sample from its `plan.STEP_MEMBER` row; SampleError if it cannot be loaded."""
+    s = self.settings
+    record, image_file = self.source.fetch(int(member["record"]))  # a path or encoded bytes
     has_image = record.image_path is not None
     ex = preprocess(record.conversations, self.tokenizer, s.template, has_image,
                     model_max_length=metadata.NO_TRUNCATION)
     items, layouts = (), []
     if has_image:
       try:
-        img = image.load_image(image_file, name=f"{record.id}: {record.image_path}")
+        img = image.load_image(image_file, name=f"{record.id}: {record.image_path}",
+                               max_pixels=s.max_pixels)
       except image.ImageError as e:
-        raise _LoadError("unreadable_image", str(e)) from e
-      base = (int(a["width"][pos]), int(a["height"][pos]))
+        raise SampleError("unreadable_image", str(e)) from e
+      base = (int(member["width"]), int(member["height"]))
+      draw = float(member["draw"])
       expected = base if image.is_textvqa(record.image_path) else s.pre_resize_size(
-          base, "", ep.draw[pos])
-      pre_resize = functools.partial(self._pre_resize, record=record, draw=ep.draw[pos],
+          base, "", draw)
+      pre_resize = functools.partial(self._pre_resize, record=record, draw=draw,
                                      expected=expected)
       span, items = image.prepare_image(img, s.tokens, max_slice_nums=s.max_slice_nums,
                                         scale_resolution=s.scale_resolution,
                                         never_split=not s.slicing, pre_resize=pre_resize)
       layouts = [span]
     seq = layout.splice(ex.input_ids, ex.labels, layouts, pad_id=self.tokenizer.pad_id)
-    if len(seq.input_ids) != ep.length[pos]:
-      raise _LoadError("size_mismatch", f"{record.id}: {len(seq.input_ids)} tokens, the plan "
-                       f"expected {ep.length[pos]} (image size differs from its header?)")
+    if len(seq.input_ids) != member["length"]:
+      raise SampleError("size_mismatch", f"{record.id}: {len(seq.input_ids)} tokens, the plan "
+                        f"expected {member['length']} (image size differs from its header?)")
     return _Sample(record.id, seq, items)
 
   def _pre_resize(self, img, variant, *, record, draw, expected):
     """The training pre-resize with the planned draw; the result must have the planned size."""
     img = image.train_pre_resize(img, record.image_path, draw, variant=variant,
-                                 scale_resolution=self.plan.settings.scale_resolution)
+                                 scale_resolution=self.settings.scale_resolution)
     if img.size != expected:
-      raise _LoadError("size_mismatch", f"{record.id}: image is {img.size} after the "
-                       f"pre-resize, the plan (from its header) expected {expected}")
+      raise SampleError("size_mismatch", f"{record.id}: image is {img.size} after the "
+                        f"pre-resize, the plan (from its header) expected {expected}")
     return img
 
   def __call__(self, step: int) -> dict:
-    plan, s = self.plan, self.plan.settings
-    epoch, b = plan.locate(int(step))
-    ep = plan.epoch(epoch)
-    members, filler, code = ep.members[b], ep.filler[b], ep.keys[b]
+    s = self.settings
+    step = int(step)
+    epoch = int(np.searchsorted(self.epoch_starts, step, side="right")) - 1
+    members, code = self.steps.members(step), self.steps.key(step)
     mine = self.positions()
     loaded: dict[int, _Sample | None] = {}
     skipped = collections.Counter()
     for q in mine:
       try:
-        loaded[q] = self._load(int(members[q]), ep)
-      except _LoadError as e:
+        loaded[q] = self._load(members[q])
+      except SampleError as e:
         loaded[q] = None
         skipped[e.reason] += 1
         log.warning("data: step %d: replacing sample by a filler: %s", step, e)
@@ -144,8 +151,8 @@ class StepLoader:
       for q in range(len(members)):
         if q not in loaded:
           try:
-            loaded[q] = self._load(int(members[q]), ep)
-          except _LoadError as e:
+            loaded[q] = self._load(members[q])
+          except SampleError as e:
             loaded[q] = None
             log.warning("data: step %d: %s", step, e)
         if loaded[q] is not None:
@@ -157,7 +164,7 @@ class StepLoader:
         stand_in = self._blank(code)
     samples, ids, fill = [], [], []
     for q in mine:
-      sample, is_filler = loaded[q], bool(filler[q])
+      sample, is_filler = loaded[q], bool(members[q]["filler"])
       if sample is None:
         sample, is_filler = stand_in, True
       if is_filler:
@@ -167,7 +174,7 @@ class StepLoader:
       samples.append(sample)
       ids.append(sample.id)
       fill.append(is_filler)
-    key = plan.sample_key(code)
+    key = sample_key(s, code)
     micro = [self._assemble(samples[m * self.per_micro:(m + 1) * self.per_micro], code)
              for m in range(s.grad_accum)]
     out = {name: np.stack([mb[name] for mb in micro])
@@ -175,7 +182,7 @@ class StepLoader:
     out["buckets"] = tuple({"pixels": np.stack([mb["buckets"][j]["pixels"] for mb in micro]),
                             "grid": np.stack([mb["buckets"][j]["grid"] for mb in micro])}
                            for j in range(len(micro[0]["buckets"])))
-    out["meta"] = {"step": int(step), "epoch": epoch, "ids": ids, "filler": fill,
+    out["meta"] = {"step": step, "epoch": epoch, "ids": ids, "filler": fill,
                    "key": tuple(key), "load_skipped": dict(skipped)}
     return out
 
@@ -183,7 +190,7 @@ class StepLoader:
     """A stand-in with the key's shapes: zero pixels filling each canvas, pad text, labels -100,
     no image token (so its attention rows are all text)."""
     ov, sl, n, seq_len = (int(x) for x in code)
-    bk = self.plan.settings.buckets
+    bk = self.settings.buckets
     items = tuple(np.zeros((bk[j][0] * slicing.PATCH_SIZE, bk[j][1] * slicing.PATCH_SIZE, 3),
                            np.float32) for j in (([sl] * n + [ov]) if ov >= 0 else []))
     seq = layout.Sequence(np.full(seq_len, self.tokenizer.pad_id, np.int32),
@@ -204,7 +211,7 @@ class StepLoader:
     for j in used:
       base[j] = acc
       acc += pc * n_local[j]
-    settings = self.plan.settings
+    settings = self.settings
     pad_id = self.tokenizer.pad_id
     out = {"input_ids": np.full((count, seq_len), pad_id, np.int32),
            "image_token": np.full((count, seq_len), -1, np.int32),
@@ -244,9 +251,10 @@ class TrainIterator:
   (`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`) saves and restores it.
   """
 
-  def __init__(self, loader: StepLoader, *, workers: int = 0, prefetch: int = 2,
-               start_step: int = 0):
-    self.loader, self.plan = loader, loader.plan
+  def __init__(self, loader: StepLoader, plan: Plan, *, workers: int = 0, prefetch: int = 2,
+               start_step: int = 0, keep_alive=None):
+    self.loader, self.plan = loader, plan
+    self._keep_alive = keep_alive  # the temporary folder the loader's files are in, if any
     self.workers, self.prefetch = int(workers), int(prefetch)
     self._step = int(start_step)
     self._load_skipped: collections.Counter = collections.Counter()
@@ -339,22 +347,45 @@ def _mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_source(data_cfg) -> Source:
-  """The records of `data.format`: "json" (`data.json` + `data.image_folder`) or
-  "array_record" (`data.array_record_dir`, written by `hiwin data build`)."""
+def make_source(data_cfg, index_dir: str | None = None) -> Source:
+  """The records of `data.format`: "json" (`data.json` + `data.image_folder`; the byte ranges
+  of its entries kept in `index_dir`, else in memory) or "array_record"
+  (`data.array_record_dir`, written by `hiwin data build`)."""
   if data_cfg.format == "json":
-    return JsonSource(data_cfg.json, data_cfg.image_folder)
+    return JsonSource(data_cfg.json, data_cfg.image_folder, index_dir)
   if data_cfg.format == "array_record":
     return ArrayRecordSource(data_cfg.array_record_dir)
   raise ValueError(f"data.format must be 'json' or 'array_record', got {data_cfg.format!r}")
 
 
-def make_plan(data_cfg, model_cfg, tokenizer, source: Source | None = None
+def cache_dir(data_cfg) -> str | None:
+  """Where the metadata cache, the json index and the step table live: `data.cache_dir`, else
+  the prepared dataset's `cache/` folder when it can be written, else None (nothing kept)."""
+  if data_cfg.cache_dir:
+    return str(data_cfg.cache_dir)
+  if data_cfg.format == "array_record":
+    folder = pathlib.Path(data_cfg.array_record_dir, "cache")
+    try:
+      folder.mkdir(exist_ok=True)
+    except OSError:
+      pass
+    if os.access(folder, os.W_OK):
+      return str(folder)
+    log.warning("data: %s cannot be written; the metadata pass is not cached (set "
+                "data.cache_dir)", folder)
+  return None
+
+
+def make_plan(data_cfg, model_cfg, tokenizer, source: Source | None = None, *,
+              cache: str | None = None, process_index: int = 0, process_count: int = 1
               ) -> tuple[Plan, Source]:
-  """The metadata pass (cached) and the global plan; returns (plan, source)."""
+  """The metadata pass (cached in `cache`, default `cache_dir(data_cfg)`; this process's share
+  first) and the global plan; returns (plan, source)."""
   settings = Settings.from_configs(data_cfg, model_cfg)
-  source = make_source(data_cfg) if source is None else source
-  meta = metadata.scan(source, tokenizer, settings, data_cfg.cache_dir or None)
+  cache = cache_dir(data_cfg) if cache is None else cache
+  source = make_source(data_cfg, cache) if source is None else source
+  meta = metadata.scan(source, tokenizer, settings, cache, workers=data_cfg.metadata_workers,
+                       process_index=process_index, process_count=process_count)
   return Plan(meta, settings), source
 
 
@@ -365,9 +396,17 @@ def make_train_iterator(data_cfg, model_cfg, tokenizer, *, process_index: int = 
   model_cfg: the model config (`cfg.model`: its `projector` gives the token layout, tokens per
   item and separator ids, its `vision` the ViT side; the projector config itself is accepted
   too). tokenizer: a `tokenizer.LlamaSpmTokenizer` or any object with its interface. Every
-  process must use the same configs and data.
+  process must use the same configs and data; processes sharing `data.cache_dir` share the
+  metadata pass.
   """
-  plan, source = make_plan(data_cfg, model_cfg, tokenizer)
-  loader = StepLoader(plan, source, tokenizer, process_index, process_count)
-  return TrainIterator(loader, workers=data_cfg.workers, prefetch=data_cfg.prefetch,
-                       start_step=start_step)
+  cache, tmp = cache_dir(data_cfg), None
+  if cache is None:
+    tmp = tempfile.TemporaryDirectory(prefix="hiwin-data-")
+    cache = tmp.name
+  plan, source = make_plan(data_cfg, model_cfg, tokenizer, cache=cache,
+                           process_index=process_index, process_count=process_count)
+  steps = StepTable.write(plan, cache)
+  loader = StepLoader(steps, plan.settings, source, tokenizer, process_index, process_count,
+                      plan.epoch_starts)
+  return TrainIterator(loader, plan, workers=data_cfg.workers, prefetch=data_cfg.prefetch,
+                       start_step=start_step, keep_alive=tmp)

@@ -15,7 +15,8 @@ function of (metadata, settings):
    order is shuffled. Epochs follow each other; step t is a pure function of (metadata, config, t).
 
 The metadata (`Metadata`, written by `metadata.scan`) holds, per kept record, its base size,
-base geometry and spliced length.
+base geometry and spliced length. `StepTable` is the plan as the loader reads it: per step, the
+key and the global batch's members, in files a grain worker reads one step at a time.
 
 Host-side code (numpy): no jax import.
 """
@@ -24,11 +25,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
+import os
+import pathlib
 from typing import NamedTuple
 
 import numpy as np
 
-from hiwin_jax.data import buckets, image, layout, slicing
+from hiwin_jax.data import buckets, image, layout, npy_files, slicing
 
 NO_DRAW = 1.0  # a pre-resize draw >= image.TRAIN_RESIZE_PROB: never augments
 
@@ -50,6 +55,7 @@ class Settings:
   tokens: layout.TokenLayout  # from cfg.model.projector
   buckets: tuple[tuple[int, int], ...]
   scale_resolution: int = slicing.SCALE_RESOLUTION  # the ViT's input side (model.vision)
+  max_pixels: int = image.MAX_IMAGE_PIXELS  # the pixel budget of an image's header
 
   @classmethod
   def from_configs(cls, data_cfg, model_cfg) -> Settings:
@@ -65,7 +71,8 @@ class Settings:
                int(data_cfg.global_batch_size), int(data_cfg.grad_accum), int(data_cfg.seed),
                bool(data_cfg.shuffle), str(data_cfg.remainder), int(data_cfg.epochs),
                layout.TokenLayout.from_config(proj),
-               buckets.default_buckets((side // slicing.PATCH_SIZE) ** 2), side)
+               buckets.default_buckets((side // slicing.PATCH_SIZE) ** 2), side,
+               int(data_cfg.max_image_pixels))
 
   def plan_slices(self, size) -> slicing.SlicePlan:
     return slicing.plan_slices(size[0], size[1], self.max_slice_nums, self.scale_resolution,
@@ -113,6 +120,13 @@ class SampleKey(NamedTuple):
   seq_len: int
 
 
+def sample_key(settings: Settings, code) -> SampleKey:
+  """The shapes of a key code (ov, sl, n, seq_len) of the plan."""
+  ov, sl, n, s = (int(x) for x in code)
+  bk = settings.buckets
+  return SampleKey(bk[ov] if ov >= 0 else None, bk[sl] if sl >= 0 else None, n, s)
+
+
 @dataclasses.dataclass(frozen=True)
 class EpochPlan:
   """keys [nb, 4] (ov, sl, n, seq_len), members [nb, G] (positions in the metadata arrays),
@@ -150,10 +164,13 @@ class Plan:
   def num_steps(self) -> int:
     return int(self._starts[-1])
 
+  @property
+  def epoch_starts(self) -> tuple[int, ...]:
+    """The first step of each epoch, then the total."""
+    return tuple(int(x) for x in self._starts)
+
   def sample_key(self, code) -> SampleKey:
-    ov, sl, n, s = (int(x) for x in code)
-    bk = self.settings.buckets
-    return SampleKey(bk[ov] if ov >= 0 else None, bk[sl] if sl >= 0 else None, n, s)
+    return sample_key(self.settings, code)
 
   @property
   def keys(self) -> list[SampleKey]:
@@ -181,25 +198,22 @@ class Plan:
     ov, sl, n, length = (a[k].copy() for k in ("ov", "sl", "n", "length"))
     all_draws = np.random.default_rng([s.seed, e, 0]).random(self.meta.num_records)
     draws = np.full(num, NO_DRAW)
-    candidates = a["augmentable"] & (all_draws[a["index"]] < image.TRAIN_RESIZE_PROB)
-    for pos in np.flatnonzero(candidates):
-      d = float(all_draws[a["index"][pos]])
-      base = (int(a["width"][pos]), int(a["height"][pos]))
-      new = s.pre_resize_size(base, "", d)
-      if new == base:
-        continue
-      try:
-        g_ov, g_sl, g_n, tokens = s.geometry(new)
-      except ValueError:
-        continue
-      new_len = int(a["text_len"][pos]) - 1 + tokens
-      if new_len > s.max_length:
-        continue
-      draws[pos] = d
-      ov[pos], sl[pos], n[pos], length[pos] = g_ov, g_sl, g_n, new_len
+    pos = np.flatnonzero(a["augmentable"] & (all_draws[a["index"]] < image.TRAIN_RESIZE_PROB))
+    if len(pos):
+      # The augmented size depends on the base size only (any draw below the probability), so
+      # the geometry is computed once per distinct size.
+      sizes, inv = np.unique(np.stack([a["width"][pos], a["height"][pos]], 1), axis=0,
+                             return_inverse=True)
+      inv = inv.reshape(-1)
+      geo = np.array([_augmented_geometry(s, (int(w), int(h))) for w, h in sizes],
+                     np.int64).reshape(-1, 4)
+      new_len = a["text_len"][pos].astype(np.int64) - 1 + geo[inv, 3]
+      take = (geo[inv, 3] >= 0) & (new_len <= s.max_length)
+      pos, inv = pos[take], inv[take]
+      draws[pos] = all_draws[a["index"][pos]]
+      ov[pos], sl[pos], n[pos], length[pos] = geo[inv, 0], geo[inv, 1], geo[inv, 2], new_len[take]
     codes = np.stack([ov, sl, n, s.seq_bucket(length)], axis=1).astype(np.int64)
-    uniq, inverse = np.unique(codes, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    uniq, inverse = unique_rows(codes)
     order = np.argsort(inverse, kind="stable")
     groups = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(uniq)))[:-1])
     rng = np.random.default_rng([s.seed, e, 1])
@@ -226,3 +240,82 @@ class Plan:
     return EpochPlan(np.asarray(keys, np.int64)[perm], np.asarray(members, np.int64)[perm],
                      np.asarray(filler, bool)[perm], draws, length)
 
+
+def unique_rows(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`np.unique(codes, axis=0, return_inverse=True)` of int64 [N, C] rows >= -1, through one
+  int64 per row: its mixed-radix number (columns shifted to >= 0) sorts like the row, so the
+  rows and the inverse are the same, without sorting [N, C] records."""
+  shifted = codes + 1
+  radix = shifted.max(axis=0, initial=0) + 1
+  scalar = np.zeros(len(codes), np.int64)
+  for c in range(codes.shape[1]):
+    scalar = scalar * radix[c] + shifted[:, c]
+  _, first, inverse = np.unique(scalar, return_index=True, return_inverse=True)
+  return codes[first], inverse.reshape(-1)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _augmented_geometry(settings: Settings, base: tuple[int, int]) -> tuple[int, int, int, int]:
+  """(ov, sl, n, image tokens) of an image of base size `base` after the 10% training
+  pre-resize; -1s when the pre-resize keeps it or the model cannot take the new size."""
+  new = settings.pre_resize_size(base, "", 0.0)
+  if new == base:
+    return (-1, -1, -1, -1)
+  try:
+    return settings.geometry(new)
+  except ValueError:
+    return (-1, -1, -1, -1)
+
+
+STEP_MEMBER = np.dtype([("record", np.int64), ("draw", np.float64), ("length", np.int32),
+                        ("width", np.int32), ("height", np.int32), ("filler", np.bool_)])
+
+
+class StepTable:
+  """What loading a step needs, per step of the plan: `key(step)` (ov, sl, n, seq_len) and
+  `members(step)` (`STEP_MEMBER` [G]: per sample of the global batch its record index in the
+  source, pre-resize draw, planned spliced length, base size and filler flag).
+
+  `StepTable.write(plan, folder)` stores it as two `.npy` files (named by their content) read a
+  row at a time (`npy_files.RowFile`): a grain worker holds the rows of the steps it loads, not
+  the plan, whatever the dataset's size. Picklable (the paths travel)."""
+
+  def __init__(self, keys, members):
+    self._keys, self._members = keys, members
+
+  @staticmethod
+  def arrays(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """keys int64 [steps, 4], members STEP_MEMBER [steps, G] of every epoch of `plan`."""
+    a = plan.meta.arrays
+    keys, members = [], []
+    for e in range(len(plan.steps_per_epoch)):
+      ep = plan.epoch(e)
+      rows = np.empty(ep.members.shape, STEP_MEMBER)
+      rows["record"] = a["index"][ep.members]
+      rows["draw"] = ep.draw[ep.members]
+      rows["length"] = ep.length[ep.members]
+      rows["width"], rows["height"] = a["width"][ep.members], a["height"][ep.members]
+      rows["filler"] = ep.filler
+      keys.append(ep.keys)
+      members.append(rows)
+    return np.concatenate(keys), np.concatenate(members)
+
+  @classmethod
+  def write(cls, plan: Plan, folder: str | os.PathLike) -> StepTable:
+    keys, members = cls.arrays(plan)
+    digest = hashlib.blake2b(keys.tobytes() + members.tobytes(), digest_size=10).hexdigest()
+    paths = [pathlib.Path(folder, f"steps-{digest}-{name}.npy") for name in ("keys", "members")]
+    for path, array in zip(paths, (keys, members)):
+      if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        npy_files.save_atomic(path, array)
+    return cls(*(npy_files.RowFile(p) for p in paths))
+
+  def __len__(self) -> int:
+    return len(self._keys)
+
+  def key(self, step: int) -> np.ndarray:
+    return self._keys[step]
+
+  def members(self, step: int) -> np.ndarray:
+    return self._members[step]

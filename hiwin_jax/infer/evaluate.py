@@ -5,7 +5,9 @@ Question file (jsonl, one object per line): `question_id`, `text` (the question)
 for MME `category`. Answers file (jsonl, appended as answers are produced): `question_id`,
 `prompt` (the question text), `text` (the decoded answer), `answer_id`, `model_id`, `metadata`;
 a question that cannot be run gets `"text": ""` and `"error": "<reason>"` (missing or unreadable
-image, empty prompt, prompt longer than the context) and the run goes on.
+image, an image path that does not resolve inside the image folder (never opened), empty prompt,
+prompt longer than the context) and the run goes on. A malformed or non-UTF-8 question file is a
+QuestionFileError naming the file and line, before anything runs.
 
 Resuming: ids already present in the answers file are skipped, so an interrupted run continues
 where it stopped (a truncated last line is ignored and that question is asked again).
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hiwin_jax.data import image, slicing
+from hiwin_jax.data import image, slicing, sources
 from hiwin_jax.infer import requests, scorers
 
 if TYPE_CHECKING:
@@ -36,17 +38,25 @@ class QuestionFileError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
-  """Objects of a jsonl file. strict=False skips malformed lines (a crash-truncated tail)."""
+  """Objects of a jsonl file (UTF-8, a BOM allowed). strict=False skips malformed lines (a
+  crash-truncated tail); strict=True raises QuestionFileError naming the file and line."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        if strict:
+          raise QuestionFileError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of "
+                                  "the line)") from None
+        continue
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         if strict:
-          raise QuestionFileError(f"{path}:{n}: not a JSON object: {e}") from e
+          raise QuestionFileError(f"{path}:{n}: not a JSON object: {e}") from None
         continue
       if not isinstance(obj, dict):
         if strict:
@@ -64,6 +74,10 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
       raise QuestionFileError(f"{path}: question {n} has no 'question_id' (keys: {sorted(q)})")
     if q["question_id"] in seen:
       raise QuestionFileError(f"{path}: question_id {q['question_id']!r} appears twice")
+    for key in ("image", "text"):
+      if key in q and not isinstance(q[key], str):
+        raise QuestionFileError(f"{path}: question {q['question_id']!r}: {key!r} must be a "
+                                f"string, got {type(q[key]).__name__}")
     seen.add(q["question_id"])
   return questions
 
@@ -135,6 +149,7 @@ def answer_questions(model, tokenizer, cfg_model, questions_path, image_folder, 
   counts = {"asked": 0, "skipped": len(questions) - len(todo), "errors": 0}
   bar = _Progress(len(questions), counts["skipped"], progress)
   folder = str(image_folder or "")
+  folder_real = sources.image_folder(folder) if folder else None
   if answers_path.exists() and answers_path.stat().st_size:
     with open(answers_path, "rb") as f:
       f.seek(-1, os.SEEK_END)
@@ -159,12 +174,18 @@ def answer_questions(model, tokenizer, cfg_model, questions_path, image_folder, 
         try:
           img = None
           if q.get("image"):
-            img = image.load_image(pathlib.Path(folder) / q["image"])
+            path = (sources.resolve_image(folder_real, q["image"]) if folder_real
+                    else q["image"])
+            img = image.load_image(path)
           ready.append((q, requests.prepare(
               str(q.get("text", "")), img, tokenizer, cfg_model, template=settings.template,
               image_folder=folder, max_slice_nums=settings.max_slice_nums,
               pre_resize=settings.pre_resize, max_context=max_context,
               reserve=gen.max_new_tokens)))
+        except sources.SampleError as e:
+          write(q, "", str(e))
+          if log:
+            log.warning("question %s: %s", q["question_id"], e)
         except (image.ImageError, requests.RequestError, ValueError) as e:
           write(q, "", f"{type(e).__name__}: {e}")
           if log:
