@@ -142,6 +142,27 @@ def test_request_pre_resize_follows_the_projector_layout(variant, size):
     np.testing.assert_array_equal(got, ref)
 
 
+RELEASES = [("vicuna7b", BIG), ("vicuna13b", (1024, 750)), ("qwen2_7b", (1024, 750))]
+
+
+@pytest.mark.parametrize("name,size", RELEASES)
+def test_release_configs_pick_their_code_states_pre_resize(name, size):
+  """The release configs carry the rule, not a default argument: the 7B release is R1 (upscale
+  only); the 13B and Qwen2 releases are R2 (a 1500x1100 image shrinks to 1024x750), in evaluation
+  (`requests.prepare`) and in training (the data plan's TextVQA pre-resize)."""
+  from hiwin_jax.data import plan
+  cfg = C.load_config(name)
+  img = _big_image()
+  p = requests.prepare("What is it?", img, evaluate.ByteTokenizer(), cfg.model,
+                       image_folder="playground/data/eval/gqa")
+  want = _expected_items(img, size)
+  assert len(p.items) == len(want)
+  for got, ref in zip(p.items, want):
+    np.testing.assert_array_equal(got, ref)
+  settings = plan.Settings.from_configs(C.data_config(), cfg.model)
+  assert settings.pre_resize_size(BIG, "data/TextVQA/train_images/x.jpg", plan.NO_DRAW) == size
+
+
 @pytest.mark.parametrize("variant,size", [("r1", BIG), ("r2", (1024, 750))])
 def test_hiwin_eval_pre_resize_follows_the_projector_layout(variant, size, tmp_path,
                                                             monkeypatch):
