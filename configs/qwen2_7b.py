@@ -15,5 +15,9 @@ def get_config():
              bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
              remat="minimal_with_context")
   # R2 (branch HEAD) checkpoints: per-slice separators, levels {1x, 4x} (spec §0.1, §4.1).
-  cfg.model.projector.update(layout="r2", feature_scale_mask=5)
+  # The separators stay LLaMA's ids 29892 (",") and 13 ("\n") on purpose: the official slicer
+  # returns them whatever the LLM, the model embeds them with Qwen2's own table (there they are
+  # other tokens) and the R2 layout code branches on exactly these two ids.
+  cfg.model.projector.update(layout="r2", feature_scale_mask=5, comma_token=29892,
+                             newline_token=13)
   return cfg

@@ -162,7 +162,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                  help="tokenizer folder (tokenizer.model + tokenizer_config.json), or 'bytes' "
                       "for the byte-level test tokenizer of tiny models")
   p.add_argument("--dtype", default=None, help="parameter dtype when importing an official folder")
-  p.add_argument("--template", default=requests.DEFAULT_TEMPLATE, help="conversation template")
+  p.add_argument("--template", default=None,
+                 help="conversation template (default: the model's, vicuna_v1 for Vicuna, "
+                      "qwen_1_5 for Qwen2)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy / beam search")
@@ -292,10 +294,12 @@ def _answer(args, overrides) -> int:
   """`hiwin generate` and `hiwin eval`: the model, tokenizer and decoding settings, then the
   subcommand."""
   from hiwin_jax import weights
-  from hiwin_jax.infer import evaluate
+  from hiwin_jax.infer import evaluate, requests
   from hiwin_jax.infer.generate import GenerationConfig
   tokenizer = evaluate.load_tokenizer(args.tokenizer)
   model, cfg_model = weights.load_model(args.checkpoint, args.config, overrides, args.dtype)
+  if args.template is None:
+    args.template = requests.model_template(cfg_model)
   gen = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                          temperature=args.temperature, top_p=args.top_p,
                          eos_token_id=int(cfg_model.llm.eos_token_id),

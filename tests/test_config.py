@@ -33,6 +33,15 @@ def test_real_configs_have_the_released_dimensions():
   assert config.load_config("vicuna13b").model.llm.hidden_size == 5120
 
 
+@pytest.mark.parametrize("name", ["vicuna7b", "vicuna13b", "qwen2_7b"])
+def test_slice_separators_are_llama_ids_for_every_release(name):
+  """The official slicer's ind_tokens are 29892 (",") and 13 ("\n") whatever the LLM, and the
+  R2 layout branches on exactly those ids: Qwen2 keeps them (embedded with Qwen2's table)."""
+  p = config.load_config(name).model.projector
+  assert (p.comma_token, p.newline_token) == (29892, 13)
+  assert p.layout == ("r1" if name == "vicuna7b" else "r2")
+
+
 def test_overrides_keep_types_and_reject_unknown_keys():
   cfg = config.load_config("tiny", ["--config.model.llm.num_layers=3", "--config.model.llm.rope_theta=5",
                                "--config.model.precision.dtype=bfloat16", "--config.mesh.fsdp=2"])

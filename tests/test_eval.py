@@ -142,6 +142,27 @@ def test_request_pre_resize_follows_the_projector_layout(variant, size):
     np.testing.assert_array_equal(got, ref)
 
 
+RELEASES = [("vicuna7b", BIG), ("vicuna13b", (1024, 750)), ("qwen2_7b", (1024, 750))]
+
+
+@pytest.mark.parametrize("name,size", RELEASES)
+def test_release_configs_pick_their_code_states_pre_resize(name, size):
+  """The release configs carry the rule, not a default argument: the 7B release is R1 (upscale
+  only); the 13B and Qwen2 releases are R2 (a 1500x1100 image shrinks to 1024x750), in evaluation
+  (`requests.prepare`) and in training (the data plan's TextVQA pre-resize)."""
+  from hiwin_jax.data import plan
+  cfg = C.load_config(name)
+  img = _big_image()
+  p = requests.prepare("What is it?", img, evaluate.ByteTokenizer(), cfg.model,
+                       image_folder="playground/data/eval/gqa")
+  want = _expected_items(img, size)
+  assert len(p.items) == len(want)
+  for got, ref in zip(p.items, want):
+    np.testing.assert_array_equal(got, ref)
+  settings = plan.Settings.from_configs(C.data_config(), cfg.model)
+  assert settings.pre_resize_size(BIG, "data/TextVQA/train_images/x.jpg", plan.NO_DRAW) == size
+
+
 @pytest.mark.parametrize("variant,size", [("r1", BIG), ("r2", (1024, 750))])
 def test_hiwin_eval_pre_resize_follows_the_projector_layout(variant, size, tmp_path,
                                                             monkeypatch):
@@ -177,3 +198,46 @@ def test_hiwin_eval_pre_resize_follows_the_projector_layout(variant, size, tmp_p
   want = [((x.shape[0] // 14, x.shape[1] // 14), x.tobytes())
           for x in _expected_items(image.load_image(folder / "big.png"), size)]
   assert sorted(got) == sorted(want)
+
+
+# --- a Qwen2 model: its chatml prompt and its <|im_end|> stop, by default ---------------------
+
+def test_hiwin_eval_of_a_qwen2_model_asks_in_chatml_and_stops_at_im_end(tmp_path, monkeypatch,
+                                                                      capsys):
+  """With no --template, `hiwin eval` of a Qwen2 model (here the qwen2_7b release config) asks
+  with the official qwen_1_5 prompt tokenized by the Qwen2 tokenizer, and decoding stops at
+  <|im_end|>; a Vicuna model keeps vicuna_v1."""
+  from types import SimpleNamespace
+
+  from hiwin_jax.infer import generate
+  from tests.reference import qwen_text
+  golden = {c["name"]: c for c in (json.loads(line) for line in (
+      pathlib.Path(__file__).resolve().parent / "fixtures" / "golden"
+      / "qwen2_text_cases.jsonl").read_text("utf-8").splitlines())}["inference_text"]
+  assert requests.model_template(C.load_config("vicuna13b").model) == "vicuna_v1"
+  calls = []
+
+  class Recorder:
+    def __init__(self, model):
+      del model
+
+    def __call__(self, batch, gen):
+      calls.append((batch, gen))
+      rows = len(batch["input_ids"])
+      return SimpleNamespace(tokens=np.full((rows, 1), gen.eos_token_id, np.int32),
+                             lengths=np.ones(rows, int))
+
+  cfg_model = C.load_config("qwen2_7b").model
+  monkeypatch.setattr(generate, "Generator", Recorder)
+  monkeypatch.setattr(weights, "load_model", lambda *a, **k: (None, cfg_model))
+  qfile = tmp_path / "q.jsonl"
+  qfile.write_text(json.dumps({"question_id": 1, "text": golden["question"]}) + "\n")
+  tok_dir = qwen_text.unpacked_fixture(tmp_path / "tok")
+  assert cli.main(["eval", "--checkpoint", str(tmp_path / "unused"), "--tokenizer", str(tok_dir),
+                   "--questions", str(qfile), "--image-folder", str(tmp_path), "--answers",
+                   str(tmp_path / "a.jsonl"), "--metric", "none", "--no-progress"]) == 0
+  (batch, gen), = calls
+  n = len(golden["input_ids"])
+  assert batch["input_ids"][0][:n].tolist() == golden["input_ids"]
+  assert gen.eos_token_id == 151645  # <|im_end|> of the Qwen2 tokenizer
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counts"]["errors"] == 0

@@ -309,3 +309,83 @@ def test_qwen_1_5_prompt_and_masking_follow_llava_next():
   text_only = preprocess(sample[1:3], fake, "qwen_1_5", False, 4096)
   assert IMAGE_TOKEN_INDEX not in text_only.input_ids
   assert len(preprocess(sample, fake, "qwen_1_5", True, 20).input_ids) == 20
+
+
+# --- qwen_1_5 / qwen_2 with the real Qwen2 tokenizer ----------------------------------------------
+# Golden ids and labels of tests/fixtures/golden/qwen2_text_cases.jsonl: the official HEAD
+# `preprocess_multimodal` + `preprocess_qwen` + collator cut (and the qwen_1_5 evaluation prompt)
+# re-derived on transformers' tokenizer in tests/reference/qwen_text.py.
+
+QWEN_GOLDEN = [json.loads(line) for line in
+               (FIXTURES / "golden" / "qwen2_text_cases.jsonl").read_text("utf-8").splitlines()]
+QWEN_TRAIN = [c for c in QWEN_GOLDEN if "labels" in c]
+QWEN_INFERENCE = [c for c in QWEN_GOLDEN if "labels" not in c]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+  from tests.reference import qwen_text
+  return qwen_text.unpacked_fixture(tmp_path_factory.mktemp("qwen2-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen_dir):
+  from hiwin_jax.data.tokenizer import load_tokenizer
+  return load_tokenizer(qwen_dir)
+
+
+def test_qwen2_golden_cases_cover_what_the_issue_asks():
+  names = {c["name"] for c in QWEN_TRAIN}
+  assert {"single_turn_image", "multi_turn_image_moved_to_front", "text_only_multi_turn",
+          "truncated_inside_an_answer"} <= names
+  cut = next(c for c in QWEN_TRAIN if c["name"] == "truncated_inside_an_answer")
+  assert len(cut["input_ids"]) == cut["model_max_length"] and cut["labels"][-1] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("case", QWEN_TRAIN, ids=[c["name"] for c in QWEN_TRAIN])
+@pytest.mark.parametrize("template", ["qwen_1_5", "qwen_2"])
+def test_qwen2_training_ids_and_labels_match_the_official(qwen_tok, case, template):
+  ex = preprocess(case["conversations"], qwen_tok, template, case["has_image"],
+                  case["model_max_length"], variant="r2")
+  assert ex.input_ids.tolist() == case["input_ids"]
+  assert ex.labels.tolist() == case["labels"]
+  assert not ex.mismatch
+
+
+@pytest.mark.parametrize("case", QWEN_INFERENCE, ids=[c["name"] for c in QWEN_INFERENCE])
+def test_qwen2_evaluation_prompt_matches_the_official(qwen_tok, case):
+  from hiwin_jax.infer import requests
+  prompt = requests.official_prompt(case["question"], case["has_image"], "qwen_1_5")
+  assert prompt == case["prompt"]
+  assert qwen_tok.tokenizer_image_token(prompt) == case["input_ids"]
+
+
+def test_qwen2_tokenizer_specials_decode_and_pickle(qwen_tok):
+  assert (qwen_tok.eos_id, qwen_tok.pad_id, qwen_tok.bos_id) == (151645, 151643, None)
+  assert qwen_tok.encode("\n") == [198] and qwen_tok.encode("<|im_end|>") == [151645]
+  text = "Leaves drift, 🍂 français"
+  assert qwen_tok.decode(qwen_tok.encode(text) + [qwen_tok.eos_id]) == text
+  assert qwen_tok.decode([qwen_tok.eos_id], skip_special_tokens=False) == "<|im_end|>"
+  assert pickle.loads(pickle.dumps(qwen_tok)).encode(text) == qwen_tok.encode(text)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    qwen_tok.decode([IMAGE_TOKEN_INDEX])
+
+
+def test_qwen2_reference_regenerates_the_golden_file(qwen_dir):
+  """The fixture is what tests/reference/qwen_text.py computes (so the two cannot drift)."""
+  pytest.importorskip("transformers")
+  from tests.reference import qwen_text
+  assert list(qwen_text.golden_cases(qwen_dir)) == QWEN_GOLDEN
+
+
+@pytest.mark.parametrize("variant,want", [
+    ("r1", ["<image>\nWhat?", "<image>\nTwo", "<image>\nb"]),
+    ("r2", ["<image>What?  ", "<image>\nTwo", "<image><image> b"])])
+def test_image_placement_follows_the_code_state(variant, want):
+  """R1 (7B release) moves every "<image>" to the front; R2 (HEAD) only a single one that is
+  not already first, and leaves the text of other messages untouched."""
+  sample = [{"from": "human", "value": "<image>What?  "}, {"from": "gpt", "value": "x"},
+            {"from": "human", "value": "Two <image>"}, {"from": "gpt", "value": "y"},
+            {"from": "human", "value": "<image><image> b"}]
+  got = conv.preprocess_multimodal(sample, variant)
+  assert [m["value"] for m in got[::2]] == want

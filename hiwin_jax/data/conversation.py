@@ -2,7 +2,8 @@
 
 A conversation is LLaVA's json list `[{"from": "human" | "gpt", "value": str}, ...]`.
 
-Templates (`TEMPLATES`; "v1" is an alias of "vicuna_v1", as in LLaVA's `conv_templates`):
+Templates (`TEMPLATES`; "v1" is an alias of "vicuna_v1" and "qwen_2" of "qwen_1_5", as in LLaVA's
+`conv_templates`):
   plain      pretraining: "<image>" + caption + "\\n"; only the caption and "\\n" are supervised.
   vicuna_v1  SFT of the released Vicuna model: system + " USER: " + m1 + " ASSISTANT: " + a1 +
              "</s>USER: " + ...; answers and their "</s>" are supervised, with LLaVA's round
@@ -33,6 +34,7 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
 QWEN_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+R2_DELETED_MARKER = "QA_GT_caption_based_noisy"
 
 Message = tuple[str, "str | None"]  # (HUMAN or GPT, text); None = the open turn of a prompt
 
@@ -89,6 +91,7 @@ TEMPLATES: dict[str, Template] = {
                          roles=(f"{IM_START}user", f"{IM_START}assistant"), sep=IM_END),
 }
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
+TEMPLATES["qwen_2"] = TEMPLATES["qwen_1_5"]  # one conversation under two names, as in LLaVA
 
 
 def get_template(template: str | Template) -> Template:
@@ -133,25 +136,33 @@ def parse_conversation(conversations: Any) -> list[Message]:
   return messages
 
 
-def _move_image_to_front(messages: list[Message]) -> list[Message]:
+def _move_image_to_front(messages: list[Message], variant: str = "r1") -> list[Message]:
   """LLaVA's `preprocess_multimodal` (text-side.md correction 4), for samples with an image.
 
-  A message containing "<image>" loses every occurrence, is stripped, gets "<image>\\n" in front
-  and is stripped again (so a message that was only "<image>" becomes "<image>"). Messages
-  without "<image>" are left as they are.
+  "r1" (the 7B release's code): a message containing "<image>" loses every occurrence, is
+  stripped, gets "<image>\\n" in front and is stripped again (so a message that was only
+  "<image>" becomes "<image>"). "r2" (branch HEAD: 13B, Qwen2) does that only to a message with
+  exactly one "<image>" that does not start with it; it leaves every other message as it is,
+  except that it deletes the marker "QA_GT_caption_based_noisy" (LLaVA-NeXT's VideoInstruct
+  cleanup) from every message. R1 leaves messages without "<image>" as they are.
   """
+  if variant not in ("r1", "r2"):
+    raise ValueError(f"variant must be 'r1' or 'r2', got {variant!r}")
   out = []
   for role, text in messages:
-    if IMAGE_TOKEN in text:
+    n = text.count(IMAGE_TOKEN)
+    if n and (variant == "r1" or (n == 1 and not text.startswith(IMAGE_TOKEN))):
       text = (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+    if variant == "r2":
+      text = text.replace(R2_DELETED_MARKER, "")
     out.append((role, text))
   return out
 
 
-def preprocess_multimodal(conversations: Any) -> list[dict[str, str]]:
+def preprocess_multimodal(conversations: Any, variant: str = "r1") -> list[dict[str, str]]:
   """The "<image>" placement of LLaVA's `preprocess_multimodal` on LLaVA json (a new list)."""
   return [{"from": role, "value": text}
-          for role, text in _move_image_to_front(parse_conversation(conversations))]
+          for role, text in _move_image_to_front(parse_conversation(conversations), variant)]
 
 
 def build_prompt(conversations: Any, template: str | Template) -> str:
@@ -175,7 +186,8 @@ def build_prompt(conversations: Any, template: str | Template) -> str:
 
 
 def preprocess(sample_conversations: Any, tokenizer: Any, template: str | Template,
-               has_image: bool, model_max_length: int | None = None) -> TextExample:
+               has_image: bool, model_max_length: int | None = None, *,
+               variant: str = "r1") -> TextExample:
   """Token ids and supervised labels of one training sample, as LLaVA's `preprocess`.
 
   tokenizer: for plain and vicuna_v1 a `LlamaSpmTokenizer` (uses `encode`,
@@ -183,13 +195,15 @@ def preprocess(sample_conversations: Any, tokenizer: Any, template: str | Templa
   has_image: the sample has an image; then "<image>" is moved to the front of its messages and
     becomes IMAGE_TOKEN_INDEX (-200). Without an image, "<image>" is ordinary text.
   model_max_length: the training argument (3072 pretraining, 4096 SFT); None = the tokenizer's.
+  variant: the official code state ("r1" 7B release, "r2" 13B / Qwen2): how "<image>" is moved
+    (`_move_image_to_front`); the caller passes the model's token layout.
   """
   tpl = get_template(template)
   if model_max_length is None:
     model_max_length = tokenizer.model_max_length
   messages = parse_conversation(sample_conversations)
   if has_image:
-    messages = _move_image_to_front(messages)
+    messages = _move_image_to_front(messages, variant)
   if tpl.style == "plain":
     ids, labels, warning = _preprocess_plain(messages, tokenizer, tpl, has_image)
   elif tpl.style == "two":

@@ -96,7 +96,7 @@ class StepLoader:
     record, image_file = self.source.fetch(int(member["record"]))  # a path or encoded bytes
     has_image = record.image_path is not None
     ex = preprocess(record.conversations, self.tokenizer, s.template, has_image,
-                    model_max_length=metadata.NO_TRUNCATION)
+                    model_max_length=metadata.NO_TRUNCATION, variant=s.tokens.layout)
     items, layouts = (), []
     if has_image:
       try:

@@ -232,7 +232,7 @@ def _check_sample(got: Inspected, tokenizer, settings: Settings):
             f"pixels, more than data.max_image_pixels={settings.max_pixels:,}", None)
   try:
     ex = preprocess(record.conversations, tokenizer, settings.template, has_image,
-                    model_max_length=NO_TRUNCATION)
+                    model_max_length=NO_TRUNCATION, variant=settings.tokens.layout)
   except ConversationError as e:
     return "bad_conversation", str(e), None
   if has_image and int(np.count_nonzero(ex.input_ids == IMAGE_TOKEN_INDEX)) != 1:

@@ -1,4 +1,5 @@
-"""Vicuna / LLaMA SentencePiece tokenizer with the ids of transformers 4.37's slow `LlamaTokenizer`.
+"""The LLM tokenizers: Vicuna / LLaMA SentencePiece with the ids of transformers 4.37's slow
+`LlamaTokenizer`, and Qwen2's byte-level BPE (`Qwen2Tokenizer`); `load_tokenizer` picks by files.
 
 The official model was trained with `LlamaTokenizer(legacy=False)` of transformers 4.37.2 (slow,
 sentencepiece based). transformers >= 5 has no slow Llama tokenizer and its fast one gives other
@@ -268,3 +269,77 @@ class LlamaSpmTokenizer:
 
 # The Vicuna v1.5 tokenizer is this class on its tokenizer folder; both names are used in the docs.
 VicunaTokenizer = LlamaSpmTokenizer
+
+
+class Qwen2Tokenizer:
+  """Qwen2's byte-level BPE from a `tokenizer.json` (the `tokenizers` library transformers' fast
+  tokenizer runs), with the settings of `tokenizer_config.json` beside it.
+
+  No BOS (Qwen2 has none), so `encode` is `tokenizer(text).input_ids`; the chatml markers
+  `<|im_start|>` / `<|im_end|>` are special tokens recognised in text. eos is `<|im_end|>` (the
+  end of an assistant turn, where `hiwin generate` stops), pad `<|endoftext|>`. Picklable.
+  """
+
+  def __init__(self, folder: str | pathlib.Path):
+    from tokenizers import Tokenizer
+    self.folder = pathlib.Path(folder)
+    path = self.folder / "tokenizer.json"
+    if not path.is_file():
+      raise TokenizerError(f"tokenizer folder {self.folder}: no tokenizer.json (a Qwen2 "
+                           "checkpoint's BPE tokenizer) was found there")
+    config_path = self.folder / "tokenizer_config.json"
+    try:
+      config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+      self._tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # OSError, JSON or tokenizers' parse errors
+      raise TokenizerError(f"tokenizer folder {self.folder}: cannot read it: {e}") from e
+    if not isinstance(config, dict):
+      raise TokenizerError(f"tokenizer folder {self.folder}: tokenizer_config.json is not a JSON "
+                           "object")
+    self.model_max_length = int(config.get("model_max_length", 32768))
+    self.legacy = False
+    self.bos_id = None
+    self.eos_id = self._special_id(_token_content(config.get("eos_token"), "<|im_end|>"))
+    self.pad_id = self._special_id(_token_content(config.get("pad_token"), "<|endoftext|>"))
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+  def _special_id(self, token: str) -> int:
+    token_id = self._tok.token_to_id(token)
+    if token_id is None:
+      raise TokenizerError(f"tokenizer folder {self.folder}: special token {token!r} is not in "
+                           "tokenizer.json")
+    return token_id
+
+  def __repr__(self) -> str:
+    return f"Qwen2Tokenizer(folder={str(self.folder)!r}, vocab_size={self.vocab_size})"
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids if text else []
+
+  def tokenizer_image_token(self, prompt: str,
+                            image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
+    """LLaVA's `tokenizer_image_token`: each "<image>"-separated chunk tokenized on its own,
+    `image_token_index` between them (no BOS to drop)."""
+    chunks = [self.encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
+    ids = list(chunks[0])
+    for chunk in chunks[1:]:
+      ids.append(image_token_index)
+      ids.extend(chunk)
+    return ids
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"cannot decode id {bad[0]}: outside the vocabulary [0, {self.vocab_size})"
+                       f" (IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX} included)")
+    return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(folder: str | pathlib.Path) -> LlamaSpmTokenizer | Qwen2Tokenizer:
+  """The tokenizer a checkpoint folder holds: `tokenizer.model` -> SentencePiece (Vicuna),
+  else `tokenizer.json` -> Qwen2's BPE."""
+  folder = pathlib.Path(folder)
+  if (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
+    return LlamaSpmTokenizer(folder)
+  return Qwen2Tokenizer(folder)

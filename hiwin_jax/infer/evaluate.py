@@ -283,8 +283,8 @@ class ByteTokenizer:
 
 
 def load_tokenizer(folder: str):
-  """`bytes` -> ByteTokenizer; otherwise a SentencePiece tokenizer folder."""
+  """`bytes` -> ByteTokenizer; otherwise a tokenizer folder (`tokenizer.load_tokenizer`)."""
   if folder == "bytes":
     return ByteTokenizer()
-  from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
-  return LlamaSpmTokenizer(folder)
+  from hiwin_jax.data import tokenizer
+  return tokenizer.load_tokenizer(folder)

@@ -28,6 +28,14 @@ from hiwin_jax.data import buckets, conversation, image, layout, slicing
 from hiwin_jax.data.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 DEFAULT_TEMPLATE = "vicuna_v1"
+# The official evaluation scripts' `--conv-mode` per LLM: Vicuna releases vicuna_v1, the Qwen2
+# release qwen_1_5 (the same chatml conversation as qwen_2).
+ARCH_TEMPLATES = {"llama": DEFAULT_TEMPLATE, "qwen2": "qwen_1_5"}
+
+
+def model_template(cfg_model) -> str:
+  """The conversation template a model was trained with, from its LLM architecture."""
+  return ARCH_TEMPLATES[str(cfg_model.llm.arch)]
 
 
 class RequestError(ValueError):

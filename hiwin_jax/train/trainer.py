@@ -377,9 +377,9 @@ class LlavaTask:
 
   def __init__(self, cfg, devices: Sequence[jax.Device] | None = None, tokenizer=None):
     from hiwin_jax.data import loader
-    from hiwin_jax.data.tokenizer import LlamaSpmTokenizer
+    from hiwin_jax.data.tokenizer import load_tokenizer
     self.cfg = cfg
-    tokenizer = tokenizer or LlamaSpmTokenizer(cfg.data.tokenizer)
+    tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer)
     self.data = loader.make_train_iterator(cfg.data, cfg.model, tokenizer,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count())

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 
 def official_shapes(e, c, layers, vocab, mlp, vision_layers, vision_mlp, grid=24, patch=14,
-                    tied=False):
-  """Key -> shape of the full R1 checkpoint for LLM width e, ViT width c (spec §8.2-§8.3)."""
+                    tied=False, kv=None, qkv_bias=False):
+  """Key -> shape of the full checkpoint for LLM width e, ViT width c (spec §8.2-§8.3).
+
+  kv: the k/v projections' width (num_key_value_heads * head_dim; default e, no GQA); qkv_bias:
+  Qwen2's q/k/v biases. `LlavaQwenForCausalLM` keeps HF Qwen2's names under `model.` and
+  `lm_head`, as `LlavaLlamaForCausalLM` keeps Llama's; the R1 and R2 projectors share their keys.
+  """
+  kv = e if kv is None else kv
   shapes = {"model.embed_tokens.weight": (vocab, e), "model.norm.weight": (e,)}
   if not tied:
     shapes["lm_head.weight"] = (vocab, e)
   for i in range(layers):
     p = f"model.layers.{i}."
-    shapes.update({p + f"self_attn.{n}_proj.weight": (e, e) for n in "qkvo"})
+    shapes.update({p + "self_attn.q_proj.weight": (e, e), p + "self_attn.k_proj.weight": (kv, e),
+                   p + "self_attn.v_proj.weight": (kv, e), p + "self_attn.o_proj.weight": (e, e)})
+    if qkv_bias:
+      shapes.update({p + "self_attn.q_proj.bias": (e,), p + "self_attn.k_proj.bias": (kv,),
+                     p + "self_attn.v_proj.bias": (kv,)})
     shapes.update({p + "mlp.gate_proj.weight": (mlp, e), p + "mlp.up_proj.weight": (mlp, e),
                    p + "mlp.down_proj.weight": (e, mlp), p + "input_layernorm.weight": (e,),
                    p + "post_attention_layernorm.weight": (e,)})
@@ -63,10 +73,11 @@ def official_shapes(e, c, layers, vocab, mlp, vision_layers, vision_mlp, grid=24
 
 
 def model_shapes(cfg):
-  """`official_shapes` at the geometry of our model config `cfg` (R1, untied)."""
-  return official_shapes(cfg.llm.hidden_size, cfg.vision.hidden_size, cfg.llm.num_layers,
-                         cfg.llm.vocab_size, cfg.llm.mlp_dim, cfg.vision.num_layers,
-                         cfg.vision.mlp_dim)
+  """`official_shapes` at the geometry of our model config `cfg` (untied)."""
+  llm = cfg.llm
+  return official_shapes(llm.hidden_size, cfg.vision.hidden_size, llm.num_layers,
+                         llm.vocab_size, llm.mlp_dim, cfg.vision.num_layers, cfg.vision.mlp_dim,
+                         kv=llm.num_kv_heads * llm.head_dim, qkv_bias=bool(llm.qkv_bias))
 
 
 def config_json(cfg, mask=7):
@@ -79,3 +90,18 @@ def config_json(cfg, mask=7):
           "mm_hidden_size": cfg.vision.hidden_size, "mm_projector_type": "adapt_spatial_resampler",
           "mm_vision_select_layer": -2, "feature_scale_mask": mask, "feature_mode":
           "featup_muti_res", "tokenizer_model_max_length": 4096, "torch_dtype": "bfloat16"}
+
+
+def config_json_r2(cfg, qwen2: bool):
+  """The config.json of an R2 (branch HEAD) checkpoint of our model config `cfg`: the 13B
+  (`llava_llama`) or Qwen2-7B-Instruct (`llava_qwen`: GQA, theta 1e6, eps 1e-6, Qwen2's special
+  ids) release, `adapt_spatial_resampler_v2` with levels {1x, 4x}, `model_mode` uhd_v2."""
+  out = config_json(cfg, mask=5)
+  del out["feature_mode"]
+  out.update(mm_projector_type="adapt_spatial_resampler_v2", model_mode="uhd_v2",
+             num_key_value_heads=cfg.llm.num_kv_heads, tie_word_embeddings=False)
+  if qwen2:
+    out.update(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"],
+               rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+               bos_token_id=151643, eos_token_id=151645, tokenizer_model_max_length=32768)
+  return out
