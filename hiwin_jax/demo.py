@@ -81,9 +81,10 @@ def _initial_model(cfg, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   from hiwin_jax.models.llava_uhd import LlavaUHD
   model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(SEED))
   init = weights.write_params(out / "init", weights.model_params(model),
-                              {"format": "llava-uhd", "model": cfg.model.to_dict()})
+                              {"format": "llava-uhd", "model": cfg.model.to_dict()},
+                              overwrite=True)
   clip = out / "init_clip_hf"
-  formats.export_model("hf-clip", model.vision, cfg.model.vision, clip)
+  formats.export_model("hf-clip", model.vision, cfg.model.vision, clip, overwrite=True)
   return init, clip
 
 

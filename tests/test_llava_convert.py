@@ -81,7 +81,9 @@ def test_missing_or_misshaped_official_keys_are_named(official_folder, tmp_path)
   del bad["model.mm_projector.cat_proj.weight"]
   bad["model.mm_projector.query_3"] = tensors["model.mm_projector.query_3"]
   bad["model.mm_projector.cat_proj.weight"] = np.zeros((3, 3), ml_dtypes.bfloat16)
+  out = tmp_path / "bad_shape"
   write_sharded(out, sorted(bad.items()))
+  (out / "config.json").write_text(json.dumps(config_json(cfg)))
   with pytest.raises(CheckpointError, match=r"cat_proj.weight.*\(3, 3\)"):
     llava_uhd.import_official(out, cfg_model=cfg)
 

@@ -125,10 +125,16 @@ def to_ours(table: KeyTable, source: TensorSource, target: Mapping[str, tuple[tu
     dest = np.empty(shape, dtype)
     for i in range(shape[0]) if rule.stacked else [None]:
       key = rule.torch.format(i=i)
-      value = rule.transform.to_ours(source.get(key))
+      stored = source.get(key)
+      if stored.dtype.kind in "biu" and np.dtype(dtype).kind not in "biu":
+        # A cast would turn integer bit patterns into numbers silently: a relabelled dtype
+        # (F32 stored as I32) or the wrong tensor.
+        raise CheckpointError(f"{where}: tensor {key!r} is stored as {stored.dtype}, but "
+                              f"{rule.ours} is a floating-point parameter")
+      value = rule.transform.to_ours(stored)
       if value.shape != tuple(per_layer):
         raise CheckpointError(
-            f"{where}: tensor {key!r} has shape {tuple(source.get(key).shape)}, which maps to "
+            f"{where}: tensor {key!r} has shape {tuple(stored.shape)}, which maps to "
             f"{value.shape} for {rule.ours}; the model needs {tuple(per_layer)}")
       if rule.stacked:
         dest[i] = value

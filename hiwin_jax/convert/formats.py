@@ -16,9 +16,10 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from hiwin_jax import config, weights
+from hiwin_jax import config, outputs, weights
 from hiwin_jax.convert import core, hf_clip, hf_llama
-from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
+from hiwin_jax.convert.safetensors_io import (CheckpointError, SafetensorsReader,
+                                              read_checkpoint_json, write_sharded)
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
@@ -77,10 +78,12 @@ def _hf_fields(f: Format, path: pathlib.Path) -> dict | None:
   cfg_path = (path if path.is_dir() else path.parent) / "config.json"
   if not cfg_path.is_file():
     return None
+  hf = read_checkpoint_json(cfg_path, "HF model config")
   try:
-    return f.from_hf_config(json.loads(cfg_path.read_text()))
-  except (OSError, json.JSONDecodeError, KeyError, ValueError) as e:
-    raise CheckpointError(f"{cfg_path}: cannot use this HF config: {e}") from e
+    return f.from_hf_config(hf)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{cfg_path}: cannot use this HF config: {type(e).__name__} "
+                          f"{e}") from None
 
 
 def resolve_config(fmt: str, path: str | pathlib.Path, cfg=None):
@@ -156,17 +159,21 @@ def import_model(fmt: str, path: str | pathlib.Path, precision=None, cfg=None):
 
 
 def export_params(fmt: str, params: dict[str, np.ndarray], cfg, folder: str | pathlib.Path,
-                  dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> pathlib.Path:
-  """Writes config.json + sharded safetensors that transformers' `from_pretrained` loads."""
+                  dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30, *,
+                  overwrite: bool = False) -> pathlib.Path:
+  """Writes config.json + sharded safetensors that transformers' `from_pretrained` loads. The
+  folder appears complete or not at all; a non-empty one is refused unless `overwrite` (then
+  replaced whole, if it holds only model files: `outputs.MODEL_FOLDER`)."""
   f = FORMATS[fmt]
-  folder = pathlib.Path(folder)
   name = dtype or dtype_name(next(iter(params.values())).dtype)
-  write_sharded(folder, core.to_torch(f.table(cfg, f.prefixes[0]), params, np_dtype(dtype)),
-                max_shard_bytes)
-  (folder / "config.json").write_text(json.dumps(f.to_hf_config(cfg, name), indent=2))
-  return folder
+  with outputs.atomic_folder(folder, outputs.MODEL_FOLDER, overwrite=overwrite) as tmp:
+    write_sharded(tmp, core.to_torch(f.table(cfg, f.prefixes[0]), params, np_dtype(dtype)),
+                  max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(f.to_hf_config(cfg, name), indent=2))
+  return pathlib.Path(folder)
 
 
 def export_model(fmt: str, model, cfg, folder: str | pathlib.Path, dtype: str | None = None,
-                 max_shard_bytes: int = 5 * 2 ** 30) -> pathlib.Path:
-  return export_params(fmt, weights.model_params(model), cfg, folder, dtype, max_shard_bytes)
+                 max_shard_bytes: int = 5 * 2 ** 30, *, overwrite: bool = False) -> pathlib.Path:
+  return export_params(fmt, weights.model_params(model), cfg, folder, dtype, max_shard_bytes,
+                       overwrite=overwrite)

@@ -22,11 +22,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hiwin_jax import config, weights
+from hiwin_jax import config, outputs, weights
 from hiwin_jax.convert import core, hf_clip, hf_llama, vdim
 from hiwin_jax.convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
 from hiwin_jax.convert.formats import dtype_name, np_dtype
-from hiwin_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
+from hiwin_jax.convert.safetensors_io import (CheckpointError, SafetensorsReader,
+                                              read_checkpoint_json, write_sharded)
 
 PROJ = "model.mm_projector."
 VISION = "model.vision_tower.vision_tower.vision_model."
@@ -156,11 +157,14 @@ def _targets(cfg_model, dtype=None) -> dict[str, tuple[tuple, np.dtype]]:
 def import_official(folder: str | pathlib.Path, dtype: str | None = None, cfg_model=None):
   """(cfg.model, dotted path -> numpy array) of a full official checkpoint folder."""
   folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise CheckpointError(f"{folder}: no such folder")
+  config_json = read_checkpoint_json(folder / "config.json", "LLaVA-UHD checkpoint config")
   try:
-    config_json = json.loads((folder / "config.json").read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{folder / 'config.json'}: cannot read the checkpoint config: {e}")
-  cfg = config_from_json(config_json, cfg_model)
+    cfg = config_from_json(config_json, cfg_model)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{folder / 'config.json'}: cannot use this checkpoint config: "
+                          f"{e}") from None
   reader = SafetensorsReader(folder)
   params = core.to_ours(llava_table(cfg), reader, _targets(cfg, dtype), where=str(folder))
   return cfg, params
@@ -185,14 +189,16 @@ def official_tensors(params: dict[str, np.ndarray], cfg_model,
 
 
 def export_official(params: dict[str, np.ndarray], cfg_model, folder: str | pathlib.Path,
-                    dtype: str | None = "bfloat16",
-                    max_shard_bytes: int = 5 * 2 ** 30) -> pathlib.Path:
-  """The official full-checkpoint layout (bf16 by default, as released), tensor by tensor."""
-  folder = pathlib.Path(folder)
-  write_sharded(folder, official_tensors(params, cfg_model, dtype), max_shard_bytes)
+                    dtype: str | None = "bfloat16", max_shard_bytes: int = 5 * 2 ** 30, *,
+                    overwrite: bool = False) -> pathlib.Path:
+  """The official full-checkpoint layout (bf16 by default, as released), tensor by tensor. The
+  folder appears complete or not at all; a non-empty one is refused unless `overwrite` (then
+  replaced whole, if it holds only model files)."""
   name = dtype or dtype_name(params["llm.norm.scale"].dtype)
-  (folder / "config.json").write_text(json.dumps(config_to_json(cfg_model, name), indent=2))
-  return folder
+  with outputs.atomic_folder(folder, outputs.MODEL_FOLDER, overwrite=overwrite) as tmp:
+    write_sharded(tmp, official_tensors(params, cfg_model, dtype), max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(config_to_json(cfg_model, name), indent=2))
+  return pathlib.Path(folder)
 
 
 def export_projector(params: dict[str, np.ndarray], cfg_model, path: str | pathlib.Path,

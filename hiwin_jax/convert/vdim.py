@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from typing import Mapping
 
 import numpy as np
 
+from hiwin_jax import outputs
 from hiwin_jax.convert.core import (CONV1X1_DENSE, IDENTITY, DictSource, KeysUnder, KeyTable,
                                     Rule, to_ours, to_torch)
 from hiwin_jax.convert.safetensors_io import CheckpointError
@@ -141,6 +144,25 @@ def _to_tensor(a: np.ndarray):
   return torch.from_numpy(a)
 
 
+def _load_failure(e: Exception) -> str:
+  """What torch.load's error means, in a few words. Torch's own text advises re-running with
+  `weights_only=False` (arbitrary code execution) and may quote bytes of the file: neither is
+  shown."""
+  text = str(e)
+  refused = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", text)
+  if refused:
+    name = refused.group(1)[:80]
+    return (f"it pickles the object {name}, which a tensor checkpoint never holds (only "
+            f"tensors and plain containers are loaded)")
+  if isinstance(e, pickle.UnpicklingError):
+    return "its pickle stream is not one torch.save writes (not a PyTorch checkpoint)"
+  if isinstance(e, EOFError):
+    return "the file is empty or truncated"
+  if isinstance(e, OSError):
+    return e.strerror or type(e).__name__
+  return "truncated or corrupt (torch cannot read its archive)"
+
+
 def read_torch_tensors(path: str | os.PathLike,
                        prefix: str = UPSAMPLER_PREFIX) -> dict[str, np.ndarray]:
   """Tensors of a torch pickle whose key starts with `prefix`, as numpy (bf16 via ml_dtypes).
@@ -152,11 +174,16 @@ def read_torch_tensors(path: str | os.PathLike,
   """
   torch = _torch()
   where = os.fspath(path)
+  if not os.path.isfile(where):
+    raise CheckpointError(f"{where}: no such file")
   try:
-    obj = torch.load(where, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(where))
-  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-    # UnpicklingError: a global that weights_only refuses; the others: not a torch file.
-    raise CheckpointError(f"{where}: cannot load with torch.load(weights_only=True): {e}") from e
+    with warnings.catch_warnings():  # torch's pickle-protocol notes are not the user's concern
+      warnings.simplefilter("ignore")
+      obj = torch.load(where, map_location="cpu", weights_only=True,
+                       mmap=zipfile.is_zipfile(where))
+  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    raise CheckpointError(f"{where}: cannot read it as a PyTorch checkpoint with "
+                          f"torch.load(weights_only=True): {_load_failure(e)}") from None
   state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
   if not isinstance(state, Mapping):
     raise CheckpointError(f"{where}: expected a Lightning checkpoint (a dict with 'state_dict') "
@@ -170,13 +197,16 @@ def read_torch_tensors(path: str | os.PathLike,
 
 
 def save_torch_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-  """`torch.save` of a plain {key: tensor} dict (the layout of `mm_projector.bin`)."""
-  _torch().save({k: _to_tensor(v) for k, v in tensors.items()}, os.fspath(path))
+  """`torch.save` of a plain {key: tensor} dict (the layout of `mm_projector.bin`), atomically."""
+  state = {k: _to_tensor(v) for k, v in tensors.items()}
+  with outputs.atomic_file(path, "wb") as f:
+    _torch().save(state, f)
 
 
 def write_vdim_ckpt(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,
                     epoch: int = 0, global_step: int = 0) -> None:
-  """Saves `state_dict` (key -> numpy array) as a Lightning-layout `.ckpt` with `torch.save`.
+  """Saves `state_dict` (key -> numpy array) as a Lightning-layout `.ckpt` with `torch.save`,
+  atomically.
 
   The dict has the keys a Lightning checkpoint of the VDIM pre-training has (with empty
   optimizer and loop states), so `read_torch_tensors` and the official `hubconf` loader, which
@@ -187,7 +217,8 @@ def write_vdim_ckpt(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray
           "pytorch-lightning_version": LIGHTNING_VERSION,
           "state_dict": {k: _to_tensor(v) for k, v in state_dict.items()},
           "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
-  torch.save(ckpt, os.fspath(path))
+  with outputs.atomic_file(path, "wb") as f:
+    torch.save(ckpt, f)
 
 
 def import_vdim(path: str | os.PathLike, precision, feat_dim: int = 1024, scale: int = 4,

@@ -15,8 +15,6 @@ import os
 import re
 from typing import Mapping
 
-import jax
-
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 12355
 
@@ -81,6 +79,7 @@ def init_distributed(env: Mapping[str, str] | None = None,
   `expected_devices` (or HIWIN_EXPECTED_DEVICES) fails fast when a node or GPU is missing.
   Safe to call twice.
   """
+  import jax  # here: `detect` serves callers that must not wait for jax to import
   env = os.environ if env is None else env
   cluster = detect(env)
   if cluster.kind != "single" and not jax.distributed.is_initialized():

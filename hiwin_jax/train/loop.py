@@ -17,10 +17,20 @@ data, jitted step and export; this loop owns everything around them. One run wri
   tensorboard/          TensorBoard event files (process 0).
   loss.png              the loss curve (process 0).
   summary.json          the last step's metrics and the run's counts (process 0).
+  run.lock              held while a run writes here (`outputs.RunLock`): a second run into the
+                        same folder is refused, naming the holder.
+
+Faults. Each checkpoint records its files' sizes and SHA-256 (`hiwin_checksums.json` in the step
+folder, hashed in the background once orbax has committed it); a resume verifies them and starts
+from the newest checkpoint that is intact, moving corrupt newer ones to `corrupt_checkpoints/`
+(they are reported, never deleted). A save that fails (read-only folder, full disk) stops the run
+at once with `CheckpointSaveError` naming the last good step: a run never trains on without
+checkpoints. Every file a later command reads is replaced atomically.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -35,8 +45,16 @@ import jax
 import ml_collections
 import numpy as np
 
+from hiwin_jax import outputs
+
 log = logging.getLogger("hiwin.train")
 METRICS_FILE = "metrics.jsonl"
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be saved; the run stopped at once (the message names the last good
+  checkpoint)."""
 
 
 class DataIterator(Protocol):
@@ -113,17 +131,165 @@ def checkpoint_manager(folder: pathlib.Path, ccfg=None):
   return ocp.CheckpointManager(folder, options=options, item_names=("state", "data"))
 
 
+def newest_intact_step(mngr, folder: pathlib.Path) -> tuple[int | None, list[tuple[int, str]]]:
+  """(the newest step of `mngr` whose files match their checksums, [(newer step, what is wrong
+  with it)]). A step without checksums (the run stopped between orbax's commit and the hashing)
+  counts as intact, unverified."""
+  corrupt = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    step_dir = folder / str(step)
+    if not outputs.has_checksums(step_dir):
+      log.warning("checkpoint %s has no checksums (the run stopped before they were written): "
+                  "using it unverified", step_dir)
+      return step, corrupt
+    try:
+      outputs.verify_checksums(step_dir)
+    except outputs.IntegrityError as e:
+      corrupt.append((step, str(e)))
+      continue
+    return step, corrupt
+  return None, corrupt
+
+
 def latest_state(run_folder: str | pathlib.Path) -> dict:
-  """The train state of the latest checkpoint of a run folder, as host arrays."""
+  """The train state of the newest intact checkpoint of a run folder, as host arrays."""
   import orbax.checkpoint as ocp
   folder = pathlib.Path(run_folder) / "checkpoints"
   if not folder.is_dir():
     raise FileNotFoundError(f"{run_folder}: not a training run folder (no checkpoints/ inside)")
   with checkpoint_manager(folder) as mngr:
-    step = mngr.latest_step()
+    step, corrupt = newest_intact_step(mngr, folder)
+    for bad, why in corrupt:
+      log.warning("skipping corrupt checkpoint %d: %s", bad, why)
     if step is None:
-      raise FileNotFoundError(f"{folder} holds no checkpoint")
+      raise FileNotFoundError(f"{folder} holds no intact checkpoint" if corrupt else
+                              f"{folder} holds no checkpoint")
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def claim(out_dir: str | pathlib.Path) -> Iterator[pathlib.Path]:
+  """Makes `out_dir` this run's folder while the block runs: it must be missing, empty or an
+  earlier run's folder (resumed), and writable, and no other run may hold it; process 0 holds its
+  lock (`outputs.RunLock`). Every process of a multi-process run fails together when it cannot.
+  `run` claims its folder; the CLI claims it first, before it spends time building the run."""
+  out = pathlib.Path(out_dir).resolve()
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = outputs.claim_run_folder(out)
+    except OSError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = outputs.OutputError(f"--out {out}: process 0 could not claim the run folder")
+  if error is not None:
+    raise error
+  try:
+    yield out
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+class _Saver:
+  """The run's checkpoint saves: each one's failure stops the run (`CheckpointSaveError`); each
+  committed step gets its checksums from a background thread (process 0)."""
+
+  def __init__(self, mngr, folder: pathlib.Path, last_good: int | None, lead: bool):
+    self.mngr, self.folder, self.last_good = mngr, folder, last_good
+    self.pending: int | None = None
+    self.hashing: list[tuple[int, concurrent.futures.Future]] = []
+    self.pool = concurrent.futures.ThreadPoolExecutor(1, "hiwin-checksums") if lead else None
+
+  def _failed(self, step: int, e: BaseException) -> CheckpointSaveError:
+    good = ("no checkpoint was saved before it" if self.last_good is None else
+            f"the last good checkpoint is step {self.last_good} "
+            f"({self.folder / str(self.last_good)})")
+    reason = " ".join(f"{type(e).__name__}: {e}".split())
+    return CheckpointSaveError(f"cannot save the checkpoint of step {step} in {self.folder} "
+                               f"({reason}); training stopped; {good}; rerun to resume from it")
+
+  def save(self, step: int, args) -> None:
+    self.finish(block=True)
+    try:
+      # A folder that cannot be written fails here, at once: inside orbax's background save the
+      # same failure leaves threads waiting minutes for a signal that never comes.
+      outputs.probe_writable(self.folder)
+      self.mngr.save(step, args=args, force=True)
+    except Exception as e:  # orbax raises what the file system raised, or its own errors
+      raise self._failed(step, e) from e
+    self.pending = step
+    self.finish(block=False)
+
+  def finish(self, block: bool) -> None:
+    """Settles the save in flight (waiting for it with `block`, else only if orbax is done) and
+    surfaces the errors of the save and of the hashing so far."""
+    if self.pending is not None and (block or not self.mngr.is_saving_in_progress()):
+      step, self.pending = self.pending, None
+      try:
+        self.mngr.wait_until_finished()
+      except Exception as e:
+        raise self._failed(step, e) from e
+      self.last_good = step
+      if self.pool is not None:
+        self.hashing.append((step, self.pool.submit(self._record, step)))
+    while self.hashing and (block or self.hashing[0][1].done()):
+      step, future = self.hashing.pop(0)
+      try:
+        future.result()
+      except OSError as e:
+        raise self._failed(step, e) from e
+
+  def _record(self, step: int) -> None:
+    step_dir = self.folder / str(step)
+    try:
+      outputs.record_checksums(step_dir)
+    except FileNotFoundError:
+      if step_dir.exists():  # else orbax already dropped it (checkpoint.keep)
+        raise
+
+  def close(self) -> None:
+    """Waits for everything in flight; called in `finally`, so an error already on its way
+    out is not replaced by a second report of the same failure."""
+    try:
+      self.finish(block=True)
+    finally:
+      if self.pool is not None:
+        self.pool.shutdown(wait=True)
+
+
+def _restore(task: "Task", mngr, folder: pathlib.Path, lead: bool):
+  """(state, start step, data state or None) from the newest intact checkpoint; corrupt newer ones
+  are reported and moved to `corrupt_checkpoints/` (the run will save those steps again)."""
+  import orbax.checkpoint as ocp
+  step, corrupt = newest_intact_step(mngr, folder) if lead else (None, [])
+  for bad, why in corrupt:
+    dest = folder.parent / CORRUPT_DIR / f"{bad}-{int(time.time())}"
+    log.warning("checkpoint %d is corrupt (%s): moved to %s", bad, why, dest)
+    dest.parent.mkdir(exist_ok=True)
+    (folder / str(bad)).rename(dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+    step = None if step < 0 else step
+  if corrupt or jax.process_count() > 1:
+    mngr.reload()
+  if step is None:
+    if corrupt:
+      raise outputs.IntegrityError(
+          f"{folder}: no intact checkpoint to resume from ({len(corrupt)} corrupt, moved to "
+          f"{folder.parent / CORRUPT_DIR}); rerun to start the run from step 0")
+    return None
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(task.abstract_state()), data=ocp.args.JsonRestore()))
+  if corrupt:
+    log.warning("resuming from checkpoint %d, the newest intact one", step)
+  return restored["state"], int(restored["state"]["step"]), restored["data"]
 
 
 # --- logging helpers --------------------------------------------------------------------------
@@ -151,9 +317,10 @@ class _Progress:
       self.bar.close()
 
 
-def write_loss_png(path: pathlib.Path, steps: list[int], losses: list[float],
+def write_loss_png(path, steps: list[int], losses: list[float],
                    title: str = "training loss") -> None:
-  """A small line chart drawn with PIL (no plotting dependency)."""
+  """A small line chart drawn with PIL (no plotting dependency), into `path` (a file name or a
+  binary file)."""
   from PIL import Image, ImageDraw
   w, h, pad = 640, 360, 40
   img = Image.new("RGB", (w, h), "white")
@@ -172,7 +339,7 @@ def write_loss_png(path: pathlib.Path, steps: list[int], losses: list[float],
     d.text((4, h - pad - 10), f"{lo:.3g}", fill="black")
     d.text((pad, h - pad + 4), f"step {x0}", fill="black")
     d.text((w - 3 * pad, h - pad + 4), f"step {x1}", fill="black")
-  img.save(path)
+  img.save(path, format="PNG")
 
 
 @contextlib.contextmanager
@@ -205,10 +372,20 @@ def _tensorboard(folder: pathlib.Path):
 
 
 def _read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
+  """The logged rows up to step `upto`. A run killed while appending leaves a torn last line:
+  it is dropped (its step runs again)."""
   if not path.is_file():
     return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in rows if r["step"] <= upto]
+  rows = []
+  for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+    try:
+      row = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+      log.warning("%s: line %d is not a complete JSON row: dropped", path, i + 1)
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= upto:
+      rows.append(row)
+  return rows
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -223,48 +400,55 @@ def run(task: Task, out_dir: str | pathlib.Path, *,
   `stop_after`: stop (with a checkpoint) once this many steps have run in this call, as a
   preemption would (tests).
   """
+  with claim(out_dir) as out:
+    return _run(task, out, stop_after)
+
+
+def _run(task: Task, out: pathlib.Path, stop_after: int | None) -> dict[str, Any]:
   import orbax.checkpoint as ocp
   cfg, data, total = task.cfg, task.data, task.num_steps
-  out = pathlib.Path(out_dir).resolve()
   lead = jax.process_index() == 0
   if lead:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    outputs.write_text(out / "train_config.json",
+                       cfg.to_json_best_effort(indent=2, sort_keys=True))
 
-  mngr = checkpoint_manager(out / "checkpoints", cfg.checkpoint)
+  folder = out / "checkpoints"
+  mngr = checkpoint_manager(folder, cfg.checkpoint)
   latest = mngr.latest_step()
   if latest is not None and not cfg.checkpoint.resume:
-    raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step "
+    raise FileExistsError(f"{folder} already holds checkpoints (latest step "
                           f"{latest}) and checkpoint.resume is False: choose another output "
                           f"folder or resume")
-  if latest is not None:
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(task.abstract_state()), data=ocp.args.JsonRestore()))
-    state, start = restored["state"], int(restored["state"]["step"])
-    data.set_state(restored["data"])
-    log.info("resumed from %s at step %d", out / "checkpoints", start)
+  restored = _restore(task, mngr, folder, lead) if latest is not None else None
+  if restored is not None:
+    state, start, data_state = restored
+    data.set_state(data_state)
+    log.info("resumed from %s at step %d", folder, start)
   else:
     state, start = task.init_state(), 0
 
   metrics_path = out / METRICS_FILE
   history = _read_metrics(metrics_path, start) if lead else []
   if lead:
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    outputs.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
   writer = _tensorboard(out / "tensorboard") if lead else None
   if lead:
     print(f"train: {cfg.name} stage {cfg.train.stage}: {total} steps (from {start}), "
           f"{task.describe()}, mesh {dict(task.mesh.shape)}, {jax.process_count()} "
           f"process(es)", flush=True)
 
+  saver = _Saver(mngr, folder, start if restored is not None else None, lead)
+
   def save(step_done: int):
-    mngr.save(step_done, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(json.loads(data.get_state()))),
-        force=True)
+    saver.save(step_done, ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(json.loads(data.get_state()))))
 
   every, log_every = int(cfg.checkpoint.every), max(int(cfg.train.log_every), 1)
   progress = _Progress(total, start, lead)
   last, ran, stopped = (history[-1] if history else {}), 0, None
   losses = [(r["step"], r["loss"]) for r in history]
+  completed = False
   try:
     with _sigterm_flag() as sigterm, (open(metrics_path, "a") if lead else
                                       contextlib.nullcontext()) as mf:
@@ -293,6 +477,9 @@ def run(task: Task, out_dir: str | pathlib.Path, *,
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"step {done}/{total} {shown} lr {row.get('lr', 0.0):.3g} {dt:.3f} s/step",
                   flush=True)
+        # An asynchronous save that failed stops the run here, one step later, not at the next
+        # save.
+        saver.finish(block=False)
         # A stop request on the last step is no preemption: the run is complete and exports.
         preempted = done < total and (sigterm["set"] or (stop_after is not None
                                                          and ran >= stop_after))
@@ -301,21 +488,28 @@ def run(task: Task, out_dir: str | pathlib.Path, *,
         if preempted:
           stopped = done
           break
+    saver.close()
+    completed = True
   finally:
     progress.close()
     data.close()
-    mngr.wait_until_finished()
-    mngr.close()
     if writer is not None:
       writer.close()
+    if not completed:
+      # Unwinding from an error (a failed save, already reported): orbax would raise it again.
+      for close in (saver.close, mngr.close):
+        with contextlib.suppress(Exception):
+          close()
+  mngr.close()
   summary = {**last, "steps_run": ran, "start_step": start, "total_steps": total,
              "stopped_at": stopped, "losses": [v for _, v in losses[len(history):]],
-             **task.summary(), "checkpoint_dir": str(out / "checkpoints")}
+             **task.summary(), "checkpoint_dir": str(folder)}
   if stopped is None:
     summary["final"] = str(task.export(state, out))
   if lead and losses:
-    write_loss_png(out / "loss.png", [s for s, _ in losses], [v for _, v in losses],
-                   f"{cfg.name}: stage {cfg.train.stage} loss")
-    (out / "summary.json").write_text(json.dumps(
+    with outputs.atomic_file(out / "loss.png", "wb") as f:
+      write_loss_png(f, [s for s, _ in losses], [v for _, v in losses],
+                     f"{cfg.name}: stage {cfg.train.stage} loss")
+    outputs.write_text(out / "summary.json", json.dumps(
         {k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
   return summary

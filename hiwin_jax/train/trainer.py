@@ -422,11 +422,12 @@ class LlavaTask:
 
   def export(self, state: dict, out: pathlib.Path) -> pathlib.Path:
     """The whole model as a hiwin checkpoint `final/` (all processes write their shards), and
-    with `export.official` the official PyTorch layout `official/` (process 0)."""
+    with `export.official` the official PyTorch layout `official/` (process 0). Each replaces
+    the run's earlier export whole, atomically."""
     folder = out / "final"
     params = self.trainer.params(state)
     weights.write_params(folder, params, {"format": "llava-uhd",
-                                          "model": self.cfg.model.to_dict()})
+                                          "model": self.cfg.model.to_dict()}, overwrite=True)
     if self.cfg.export.official:
       from jax.experimental import multihost_utils
 
@@ -435,7 +436,7 @@ class LlavaTask:
               if jax.process_count() > 1 else np.asarray(v) for k, v in params.items()}
       if jax.process_index() == 0:
         llava_uhd.export_official(host, self.cfg.model, out / "official",
-                                  self.cfg.export.dtype)
+                                  self.cfg.export.dtype, overwrite=True)
     return folder
 
   def summary(self) -> dict:

@@ -191,17 +191,19 @@ class VdimTrainer:
 
   def export(self, state: dict, out: pathlib.Path) -> pathlib.Path:
     """The trained JBU as a hiwin parameter checkpoint `final/` (paths `jbu.*`, as in the LLaVA
-    model), and with `export.official` the official VDIM checkpoint `official/vdim.ckpt`."""
+    model), and with `export.official` the official VDIM checkpoint `official/vdim.ckpt`. Each
+    replaces the run's earlier export whole, atomically."""
     stack = self.model(state).upsampler
     folder = weights.write_params(
         out / "final", {f"jbu.{k}": v for k, v in weights.model_params(stack).items()},
-        {"format": "vdim", "model": self.cfg.model.to_dict()})
-    if self.cfg.export.official:
+        {"format": "vdim", "model": self.cfg.model.to_dict()}, overwrite=True)
+    if self.cfg.export.official and jax.process_index() == 0:
+      from hiwin_jax import outputs
       from hiwin_jax.convert import formats, vdim
-      (out / "official").mkdir(exist_ok=True)
-      vdim.write_vdim_ckpt(out / "official" / "vdim.ckpt",
-                           vdim.export_jbu(stack, dtype=formats.np_dtype(self.cfg.export.dtype)),
-                           global_step=self.num_steps)
+      with outputs.atomic_folder(out / "official", outputs.MODEL_FOLDER, overwrite=True) as tmp:
+        vdim.write_vdim_ckpt(tmp / "vdim.ckpt",
+                             vdim.export_jbu(stack, dtype=formats.np_dtype(self.cfg.export.dtype)),
+                             global_step=self.num_steps)
     return folder
 
   def summary(self) -> dict:
