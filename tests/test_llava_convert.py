@@ -68,6 +68,27 @@ def test_mm_projector_bin_round_trips(official_folder, tmp_path):
     np.testing.assert_array_equal(value, params[key], err_msg=key)
 
 
+@pytest.mark.usefixtures("torch")
+def test_projector_file_from_the_projector_parameters_alone(official_folder, tmp_path):
+  """A stage-1 user holds only `projector.*` and `jbu.*`: the released file's every key and
+  shape (the dead featurizer copy zero-filled), as .bin and .safetensors, and back bit-exact."""
+  from hiwin_jax.convert import vdim
+  folder, tensors, cfg_in = official_folder
+  cfg, params = llava_uhd.import_official(folder, dtype="bfloat16", cfg_model=cfg_in)
+  alone = {k: v for k, v in params.items() if k.startswith(("projector.", "jbu."))}
+  path = llava_uhd.export_projector(alone, cfg, tmp_path / "mm_projector.bin", safetensors=True)
+  released = {k: v for k, v in tensors.items() if k.startswith(llava_uhd.PROJ)}
+  written = vdim.read_torch_tensors(path, llava_uhd.PROJ)
+  assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in released.items()}
+  assert not written[llava_uhd.DEAD_CLIP + "embeddings.class_embedding"].any()
+  for file in (path, tmp_path / "mm_projector.safetensors"):
+    back = llava_uhd.import_projector(file, cfg, dtype="bfloat16")
+    assert set(back) == set(alone), file
+    for key, value in back.items():
+      np.testing.assert_array_equal(value.view(np.uint16), alone[key].view(np.uint16),
+                                    err_msg=f"{file.name}: {key}")
+
+
 def test_missing_or_misshaped_official_keys_are_named(official_folder, tmp_path):
   folder, tensors, cfg = official_folder
   bad = dict(tensors)

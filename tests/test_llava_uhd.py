@@ -90,13 +90,11 @@ def load_torch(module, tensors):
   return module.eval()
 
 
-@pytest.fixture(scope="module")
-def setup():
-  """(cfg.model, official state dict, our model, torch pieces)."""
+def build(cfg):
+  """(cfg.model, official state dict, our model, torch pieces) for the model config `cfg`; the
+  LLM is transformers' `LlamaForCausalLM` or `Qwen2ForCausalLM` as `cfg.llm.arch` says."""
   import transformers
-  cfg = C.load_config("tiny").model
   proj = cfg.projector
-  assert proj.layout == "r1"
   model = nnx.eval_shape(lambda: LlavaUHD(cfg, Precision.parity(), rngs=nnx.Rngs(0)))
   targets = weights.param_targets(model)
   state = dict(llava_uhd.official_tensors(random_params(targets), cfg))
@@ -117,8 +115,10 @@ def setup():
   # transformers 5's CLIPVisionModel.state_dict() has no `vision_model.` prefix.
   load_torch(clip, {k[len(llava_uhd.VISION):]: t for k, t in state.items()
                     if k.startswith(llava_uhd.VISION)})
-  llama = transformers.LlamaForCausalLM._from_config(
-      transformers.LlamaConfig(
+  lm, lm_config = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if m.arch == "llama"
+                   else (transformers.Qwen2ForCausalLM, transformers.Qwen2Config))
+  llama = lm._from_config(
+      lm_config(
           vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_dim,
           num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
           num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, rms_norm_eps=m.rms_norm_eps,
@@ -138,6 +138,13 @@ def setup():
   pieces = dict(vit=lambda px: clip_ref.vit_features(clip, px, n_layers), llama=llama, jbu=jbu,
                 hiwin=hiwin)
   return cfg, state, model, pieces
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = C.load_config("tiny").model
+  assert cfg.projector.layout == "r1" and cfg.llm.arch == "llama"
+  return build(cfg)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -179,13 +186,13 @@ def sliced():
   return {name: slicing.slice_image(im, MAX_SLICE_NUMS) for name, im in photos().items()}
 
 
-def host_batch(cfg, sliced, layout, groups=LOGIT_SAMPLES, seq_len=SEQ_LEN):
+def host_batch(cfg, sliced, layout, groups=LOGIT_SAMPLES, seq_len=SEQ_LEN, raw=None):
   """Our host pipeline: layout spans, splice, per-sample items (slices, then the overview),
-  make_batch over the default buckets."""
+  make_batch over the default buckets. raw: samples as `raw_samples` gives them (its default)."""
   proj = cfg.projector
   tokens = LY.TokenLayout(layout, proj.grid_size, proj.newline_token, proj.comma_token)
   samples = []
-  for ids, labels, names in raw_samples(groups):
+  for ids, labels, names in raw or raw_samples(groups):
     spans = [LY.image_layout(sliced[n].grid, tokens) for n in names]
     seq = LY.splice(ids, labels, spans, max_length=cfg.max_length)
     items = [clip_normalize(p) for n in names for p in sliced[n].slices + [sliced[n].overview]]
@@ -229,12 +236,12 @@ def torch_sequence(cfg, pieces, image_tokens, sliced, sample, layout):
   return seq, lab, [len(span) for span in spans]
 
 
-def torch_reference(cfg, pieces, image_tokens, sliced, layout, groups=LOGIT_SAMPLES):
+def torch_reference(cfg, pieces, image_tokens, sliced, layout, groups=LOGIT_SAMPLES, raw=None):
   """All samples right-padded with zero vectors to the longest, attention_mask, position_ids =
   arange, LlamaForCausalLM(inputs_embeds=...) -> (logits per sample [n_i, V], labels per sample,
   image span lengths per sample)."""
   seqs, labels, spans = zip(*[torch_sequence(cfg, pieces, image_tokens, sliced, sample, layout)
-                              for sample in raw_samples(groups)])
+                              for sample in raw or raw_samples(groups)])
   longest = max(len(s) for s in seqs)
   embeds = torch.zeros(len(seqs), longest, seqs[0].shape[-1])
   mask = torch.zeros(len(seqs), longest, dtype=torch.long)
@@ -349,3 +356,56 @@ def test_generate_matches_full_recompute(setup, sliced, image_tokens):
   print(f"generated {tokens.tolist()}; smallest relative top-2 logit margin {margin:.2e}")
   assert margin > 1e-3, "a near-tie makes the comparison meaningless: change the seed"
   np.testing.assert_array_equal(tokens, np.array(expected))
+
+
+# --- R2 with a Qwen2 LLM and the Qwen2 tokenizer ------------------------------------------------
+
+QWEN2_TOL = 1e-5  # issue 15: the Qwen2 release's parity bound (fp32)
+
+
+@pytest.fixture(scope="module")
+def qwen2_setup():
+  """The tiny model with a Qwen2-architecture LLM (q/k/v biases, GQA 4/2, RoPE theta 1e6, eps
+  1e-6, untied head) over the Qwen2 tokenizer's full vocabulary, R2 layout with levels {1x, 4x}
+  (the Qwen2 release's), LLaMA's separator ids 29892 / 13 embedded by Qwen2's table."""
+  cfg = C.load_config("qwen2_7b", [
+      "--config.model.vision.hidden_size=64", "--config.model.vision.num_layers=3",
+      "--config.model.vision.num_heads=4", "--config.model.vision.mlp_dim=128",
+      "--config.model.llm.hidden_size=64", "--config.model.llm.num_layers=2",
+      "--config.model.llm.num_heads=4", "--config.model.llm.num_kv_heads=2",
+      "--config.model.llm.head_dim=16", "--config.model.llm.mlp_dim=128",
+      "--config.model.llm.vocab_size=151936", "--config.model.llm.max_position_embeddings=2048",
+      "--config.model.projector.embed_dim=64", "--config.model.projector.kv_dim=64",
+      "--config.model.projector.num_heads=4", "--config.model.precision.dtype=float32",
+      "--config.model.max_length=2048"]).model
+  assert (cfg.llm.arch, cfg.llm.qkv_bias, cfg.llm.rope_theta) == ("qwen2", True, 1e6)
+  assert (cfg.projector.layout, cfg.projector.feature_scale_mask) == ("r2", 5)
+  return build(cfg)
+
+
+def test_r2_logits_with_a_qwen2_llm_and_tokenizer_match_torch(qwen2_setup, sliced, tmp_path):
+  """Spec §5-§6 end to end for the Qwen2 release: a chatml sample tokenized by the real Qwen2
+  tokenizer (`preprocess` with qwen_1_5), the 2x1-sliced photo in the R2 organisation, our
+  batch against the PyTorch composition with `Qwen2ForCausalLM`."""
+  from hiwin_jax.data.conversation import preprocess
+  from hiwin_jax.data.tokenizer import load_tokenizer
+  from tests.reference import qwen_text
+  cfg, _, model, pieces = qwen2_setup
+  tok = load_tokenizer(qwen_text.unpacked_fixture(tmp_path / "tok"))
+  ex = preprocess([{"from": "human", "value": "What is in this cup?\n<image>"},
+                   {"from": "gpt", "value": "Coffee with latte art."}], tok, "qwen_1_5", True,
+                  variant="r2")
+  raw = [(ex.input_ids.astype(np.int64), ex.labels.astype(np.int64), ("coffee",))]
+  assert max(ex.input_ids) > 150_000  # chatml markers: the high end of the vocabulary
+  tokens = {"coffee": torch_image_tokens(pieces, sliced["coffee"])}
+  want, want_labels, _ = torch_reference(cfg, pieces, tokens, sliced, "r2", raw=raw)
+  batch = host_batch(cfg, sliced, "r2", seq_len=480, raw=raw)
+  (n,) = real(batch)
+  assert n == len(want[0]) == len(ex.input_ids) - 1 + 145 * 2 + 144
+  seps = batch["input_ids"][0, :n][batch["image_token"][0, :n] < 0]
+  assert 29892 in seps and 13 in seps  # the R2 separators, LLaMA ids in Qwen2's table
+  np.testing.assert_array_equal(batch["labels"][0, :n], want_labels[0])
+  got = np.asarray(forward(model, batch))[0, :n]
+  err, where = max_rel_err(got, want[0])
+  print(f"qwen2 r2 ({n} positions): max rel logit error {err:.2e} at {where}")
+  assert err <= QWEN2_TOL, f"qwen2 r2: max relative logit error {err:.3e} at {where}"

@@ -27,7 +27,8 @@ from hiwin_jax.convert import core, hf_clip, hf_llama, vdim
 from hiwin_jax.convert.core import IDENTITY, TRANSPOSE, KeyTable, Rule
 from hiwin_jax.convert.formats import dtype_name, np_dtype
 from hiwin_jax.convert.safetensors_io import (CheckpointError, SafetensorsReader,
-                                              read_checkpoint_json, write_sharded)
+                                              read_checkpoint_json, write_safetensors,
+                                              write_sharded)
 
 PROJ = "model.mm_projector."
 VISION = "model.vision_tower.vision_tower.vision_model."
@@ -74,11 +75,17 @@ def llava_table(cfg_model, projector_only: bool = False) -> KeyTable:
 
 
 def dead_weight(params: dict[str, np.ndarray], cfg_model) -> Iterator[tuple[str, np.ndarray]]:
-  """The never-used FeatUp featurizer copy and ChannelNorm, filled from our ViT / unit norm."""
+  """The never-used FeatUp featurizer copy and ChannelNorm: the copy filled from our ViT when
+  `params` holds it, else (a projector on its own) with zeros; a unit ChannelNorm. The official
+  code never calls either, its strict `load_state_dict` only needs the keys and shapes."""
+  dtype = params["projector.proj"].dtype
+  vision = {k: v for k, v in params.items() if k.startswith("vision.")}
+  if not vision:
+    vision = {k: np.broadcast_to(np.zeros((), dtype), shape)
+              for k, (shape, _) in _targets(cfg_model).items() if k.startswith("vision.")}
   yield from core.to_torch(hf_clip.clip_table(cfg_model.vision, prefix=DEAD_CLIP,
-                                              ours_prefix="vision."), params)
+                                              ours_prefix="vision."), vision)
   width = cfg_model.vision.hidden_size
-  dtype = params["vision.class_embedding"].dtype
   yield CHANNEL_NORM + "weight", np.ones(width, dtype)
   yield CHANNEL_NORM + "bias", np.zeros(width, dtype)
 
@@ -171,21 +178,40 @@ def import_official(folder: str | pathlib.Path, dtype: str | None = None, cfg_mo
 
 
 def import_projector(path: str | pathlib.Path, cfg_model, dtype: str | None = None):
-  """The projector + JBU parameters (paths `projector.*`, `jbu.*`) of an `mm_projector.bin`."""
-  tensors = vdim.read_torch_tensors(path, PROJ)
+  """The projector + JBU parameters (paths `projector.*`, `jbu.*`) of an `mm_projector.bin`
+  (torch pickle) or of its `.safetensors` twin; nothing else of the model is needed."""
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    reader = SafetensorsReader(path)
+    tensors = {k: reader.get(k) for k in reader.keys() if k.startswith(PROJ)}
+  else:
+    tensors = vdim.read_torch_tensors(path, PROJ)
   targets = {k: v for k, v in _targets(cfg_model, dtype).items()
              if k.startswith(("projector.", "jbu."))}
   return core.to_ours(llava_table(cfg_model, projector_only=True), core.DictSource(tensors),
                       targets, where=str(path))
 
 
+def projector_tensors(params: dict[str, np.ndarray], cfg_model,
+                      dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+  """Every `model.mm_projector.*` key of the released `mm_projector.bin` from the `projector.*`
+  and `jbu.*` parameters alone (a stage-1 run that trained only the projector); other entries of
+  `params` are only read for the dead featurizer copy (`dead_weight`)."""
+  cast = np_dtype(dtype)
+  yield from core.to_torch(llava_table(cfg_model, projector_only=True), params, cast)
+  for key, value in dead_weight(params, cfg_model):
+    yield key, value if cast is None else value.astype(cast)
+
+
 def official_tensors(params: dict[str, np.ndarray], cfg_model,
                      dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """Every key of the full official checkpoint (spec §8.2-§8.3), dead weight included."""
   cast = np_dtype(dtype)
-  yield from core.to_torch(llava_table(cfg_model), params, cast)
-  for key, value in dead_weight(params, cfg_model):
-    yield key, value if cast is None else value.astype(cast)
+  tables = [core.prefixed(hf_llama.llama_table(cfg_model.llm), ours="llm."),
+            hf_clip.clip_table(cfg_model.vision, prefix=VISION, ours_prefix="vision.")]
+  for table in tables:
+    yield from core.to_torch(table, params, cast)
+  yield from projector_tensors(params, cfg_model, dtype)
 
 
 def export_official(params: dict[str, np.ndarray], cfg_model, folder: str | pathlib.Path,
@@ -202,9 +228,13 @@ def export_official(params: dict[str, np.ndarray], cfg_model, folder: str | path
 
 
 def export_projector(params: dict[str, np.ndarray], cfg_model, path: str | pathlib.Path,
-                     dtype: str | None = "bfloat16") -> pathlib.Path:
+                     dtype: str | None = "bfloat16", safetensors: bool = False) -> pathlib.Path:
   """`mm_projector.bin`: every `model.mm_projector.*` key (JBU and dead copy included), a
-  torch.save'd dict of tensors as stage 1 writes it."""
-  tensors = {k: v for k, v in official_tensors(params, cfg_model, dtype) if k.startswith(PROJ)}
+  torch.save'd dict of tensors as stage 1 writes it, from the projector's parameters alone
+  (`projector_tensors`); with `safetensors`, the same tensors also in `<path>.safetensors`."""
+  path = pathlib.Path(path)
+  tensors = dict(projector_tensors(params, cfg_model, dtype))
   vdim.save_torch_tensors(path, tensors)
-  return pathlib.Path(path)
+  if safetensors:
+    write_safetensors(path.with_suffix(".safetensors"), tensors.items())
+  return path
