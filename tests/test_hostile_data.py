@@ -375,3 +375,29 @@ def test_a_bad_question_file_is_one_error_naming_file_and_question(name, tmp_pat
 def test_a_question_file_with_a_utf8_bom_is_read(tmp_path):
   (tmp_path / "q.jsonl").write_bytes(b'\xef\xbb\xbf{"question_id": 1, "text": "ok"}\n')
   assert evaluate.read_questions(tmp_path / "q.jsonl") == [{"question_id": 1, "text": "ok"}]
+
+
+def test_eval_answers_an_escaping_image_path_with_an_error_and_never_opens_it(escapes, tmp_path,
+                                                                             opened):
+  """`hiwin eval`'s questions name images relative to --image-folder like the training data."""
+  from flax import nnx
+
+  from hiwin_jax.infer.generate import GenerationConfig
+  root, _, secrets = escapes
+  names = ["../secret.jpg", str(root / "secret.jpg"), "link.jpg", "linkdir/x.jpg"]
+  (tmp_path / "q.jsonl").write_text("".join(
+      json.dumps({"question_id": k, "image": name, "text": "What is it?"}) + "\n"
+      for k, name in enumerate(names)))
+  cfg_model = ml_collections.ConfigDict({"llm": {"max_position_embeddings": 4096}})
+  with opened() as files:
+    try:  # no tokenizer, an empty model: nothing may get past the image path
+      counts = evaluate.answer_questions(
+          nnx.Module(), None, cfg_model, tmp_path / "q.jsonl", root / "images",
+          tmp_path / "answers.jsonl", gen=GenerationConfig(max_new_tokens=4), progress=False)
+    except Exception as e:  # noqa: BLE001  (reported after what was opened)
+      counts = e
+  assert not secrets & set(files), sorted(secrets & set(files))
+  assert isinstance(counts, dict) and counts["errors"] == len(names), counts
+  answers = evaluate.read_jsonl(tmp_path / "answers.jsonl")
+  assert [a["question_id"] for a in answers] == list(range(len(names)))
+  assert all(a["error"].startswith("outside_image_folder") and a["text"] == "" for a in answers)
