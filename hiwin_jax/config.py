@@ -65,7 +65,10 @@ def projector_config() -> ConfigDict:
       feature_scale_mask=7,   # bits 1/2/4 = levels 1x/2x/4x (the 7B config.json says which)
       layout="r1",            # r1: the released 7B token layout; r2: 13B / Qwen2 (branch HEAD)
       jbu_scale=4,
-      conv_impl="xla",        # the Pallas kernels are not partitioned over a sharded batch
+      # adaptive conv of the JBU (kernels/adaptive_conv.py): "auto" = the Pallas kernel of the
+      # platform compiled for (TPU: pallas_tpu, CUDA: pallas_gpu), xla elsewhere; or "xla",
+      # "pallas_tpu", "pallas_gpu"
+      conv_impl="auto",
       # True: reproduce the official CUDA grad_filters bug (official-spec §3.4: only taps 0, 1, 4,
       # 9, 16, 25, 36 of the adaptive-conv filters get gradient), for bit-faithful replays of
       # the official runs.
