@@ -52,7 +52,9 @@ def llm_config() -> ConfigDict:
       num_kv_heads=32, head_dim=128, mlp_dim=11008, rms_norm_eps=1e-5, rope_theta=10000.0,
       max_position_embeddings=4096, qkv_bias=False, tie_embeddings=False,
       bos_token_id=1, eos_token_id=2, pad_token_id=0,
-      attention="xla",  # "xla" everywhere; "cudnn" = jax.nn.dot_product_attention on GPU
+      # "xla" everywhere; "cudnn" = jax.nn.dot_product_attention on NVIDIA GPUs; "splash" = the
+      # Pallas TPU splash kernel (training and uncached prefill; interpret mode off TPU)
+      attention="xla",
       remat="none",
   ))
 
