@@ -25,9 +25,9 @@ Implementations (`impl=`), all behind one `jax.custom_vjp` with explicit backwar
   checks and times them on a card (BUILD_NOTES.md says which numbers exist). impl="xla" keeps
   the reference path everywhere.
 A Pallas impl lowered for another platform than its own (pallas_tpu on CPU or GPU, pallas_gpu
-on CPU or TPU) runs in interpret mode (slow; for tests and the CPU smoke check);
-`interpret=True` forces interpret mode everywhere (TPU kernels with TPU semantics through
-`pltpu.InterpretParams()`).
+on CPU or TPU) runs in Pallas's generic interpret mode (slow; for tests and the CPU smoke
+check); `interpret=True` (Pallas impls only) forces interpret mode everywhere, the TPU kernels
+with TPU semantics (`pltpu.InterpretParams()`).
 
 `official_grad_bug=True` reproduces the indexing bug of the official CUDA
 `adaptive_conv_grad_filters_kernel` (`f = blockIdx.z * blockIdx.z + threadIdx.z`): only
@@ -133,9 +133,12 @@ def grad_f_xla(g, xpad):
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _check_impl(impl: str) -> str:
+def _check_impl(impl: str, interpret: bool) -> str:
   if impl not in IMPLS:
     raise ValueError(f"adaptive_conv: impl must be one of {IMPLS}, got {impl!r}")
+  if interpret and impl not in _KERNEL_PLATFORM:
+    raise ValueError(f"adaptive_conv: interpret=True needs impl 'pallas_tpu' or 'pallas_gpu', "
+                     f"got {impl!r}")
   return impl
 
 
@@ -145,7 +148,7 @@ _KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
 _AUTO = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}
 
 
-def _kernel_fn(impl: str, op: int, interpret: bool):
+def _kernel_fn(impl: str, op: int, interpret):
   if impl == "pallas_tpu":
     from hiwin_jax.kernels import adaptive_conv_pallas_tpu as k
   else:
@@ -162,15 +165,19 @@ def _kernel_fn(impl: str, op: int, interpret: bool):
 
 def _op(impl: str, op: int, interpret: bool):
   """The callable for pass `op` (0 forward, 1 grad_x, 2 grad_f) of `impl`, chosen per lowering
-  platform (see the module docstring)."""
+  platform (see the module docstring). The off-platform branch of a Pallas impl uses the
+  generic interpreter: `lax.platform_dependent` branches must agree in side effects, and the TPU
+  simulator (`interpret=True`) has some."""
   if impl == "xla":
     return _XLA_FNS[op]
+  if interpret:
+    return _kernel_fn(impl, op, True)
   if impl == "auto":
-    branches = {p: _kernel_fn(k, op, interpret) for p, k in _AUTO.items()}
+    branches = {p: _kernel_fn(k, op, False) for p, k in _AUTO.items()}
     default = _XLA_FNS[op]
   else:
-    branches = {_KERNEL_PLATFORM[impl]: _kernel_fn(impl, op, interpret)}
-    default = _kernel_fn(impl, op, True)
+    branches = {_KERNEL_PLATFORM[impl]: _kernel_fn(impl, op, False)}
+    default = _kernel_fn(impl, op, "generic")
   return lambda a, b: lax.platform_dependent(a, b, default=default, **branches)
 
 
@@ -235,8 +242,8 @@ def adaptive_conv(xpad, filters, *, impl: str = "auto", official_grad_bug: bool 
   see the module docstring.
   """
   _validate(xpad, filters)
-  return _adaptive_conv_jit(xpad, filters, _check_impl(impl), bool(official_grad_bug),
-                            bool(interpret))
+  return _adaptive_conv_jit(xpad, filters, _check_impl(impl, interpret),
+                            bool(official_grad_bug), bool(interpret))
 
 
 def adaptive_conv_sharded(xpad, filters, *, mesh, batch_axis="data", **kwargs):

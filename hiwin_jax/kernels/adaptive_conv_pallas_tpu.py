@@ -26,7 +26,10 @@ the same calls). Not yet run or timed on a TPU.
   (W, 49) row by an iota select, accumulated in the resident output block over the
   channel grid axis ("arbitrary").
 
-`interpret=True` runs them through `pltpu.InterpretParams()` (TPU semantics on CPU).
+`interpret=True` runs them through `pltpu.InterpretParams()` (TPU semantics on CPU, with
+ordered callbacks); `interpret="generic"` through Pallas's generic interpreter, which has no side
+effects and can therefore share a `lax.platform_dependent` with the compiled kernel (what
+`adaptive_conv` runs off TPU).
 Block sizes can be forced with `th=` / `tc=` (tests use that to cross block boundaries).
 """
 
@@ -54,6 +57,8 @@ def _round_up(x, m):
 
 
 def _interpret_arg(interpret):
+  if interpret == "generic":
+    return True
   if not interpret:
     return False
   params = getattr(pltpu, "InterpretParams", None)
