@@ -136,18 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
   aot = sub.add_parser(
-      "aot", help="compile a train step for an abstract TPU slice; report per-chip memory",
+      "aot", help="compile a train step (or the JBU) for an abstract TPU slice; report memory",
       description="Compiles the config's stage 1/2 train step for a TPU topology on this machine "
                   "(libtpu, no TPU: abstract weights, nothing allocated) and prints per-chip "
                   "memory from the compiler, FLOPs and whether it fits the chip's HBM (exit 1 "
-                  "if not). The batch: --batch rows per batch shard, each a sample with "
-                  "--slices slices + an overview on the 24x24 canvas, --seq tokens.")
+                  "if a compiled combination does not). The batch: --batch rows per batch "
+                  "shard, each a sample with --slices slices + an overview on the 24x24 canvas, "
+                  "--seq tokens. Lists (--batch 1,2,4 --attention xla,splash) compile every "
+                  "combination, one after the other, and end with a markdown table. --jbu "
+                  "instead compiles the JBU 4x stack at real size on one chip per adaptive-conv "
+                  "impl (xla, pallas_tpu), forward and forward+backward, and prints memory and "
+                  "XLA's cost analysis (FLOPs, bytes accessed, time estimate).")
   _add_config_args(aot, "stage2_sft", "stage")
   aot.add_argument("--topology", default="v5p-8",
                    help="v5p-8, v5p-64, v6e-64, v5litepod-16 or a libtpu name (v5p:2x4x4)")
-  aot.add_argument("--batch", type=int, default=1, help="rows per batch shard (default: 1)")
+  aot.add_argument("--batch", default="1",
+                   help="rows per batch shard, or a comma-separated list (default: 1)")
   aot.add_argument("--seq", type=int, default=4096, help="sequence length (default: 4096)")
   aot.add_argument("--slices", type=int, default=7, help="slices per sample (default: 7)")
+  aot.add_argument("--attention", default=None,
+                   help="LLM attention(s), comma-separated: xla, splash (default: the config's)")
+  aot.add_argument("--jbu", action="store_true",
+                   help="compile the JBU stack (pallas_tpu vs xla) instead of the train step")
   return parser
 
 
@@ -309,18 +319,44 @@ def _answer(args, overrides) -> int:
 
 
 def _aot(args, overrides) -> int:
-  """Prints the report; exit status 0 if the step fits the chip's HBM, 1 if not."""
+  """Prints each compile's report and a markdown table; exit status 0 if every compiled step fits
+  the chip's HBM, 1 if one does not."""
   import jax
 
   from hiwin_jax import config
   from hiwin_jax.train import aot
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")  # the TPU here is abstract: never probe for one
+  if args.jbu:
+    results = []
+    for impl in ("xla", "pallas_tpu"):
+      for backward in (False, True):
+        results.append(aot.compile_jbu(args.topology, impl, backward))
+        print(aot.jbu_table(results[-1:]).splitlines()[-1], flush=True)
+    print(aot.jbu_table(results), flush=True)
+    return 0
+  try:
+    batches = [int(b) for b in args.batch.split(",")]
+  except ValueError:
+    raise SystemExit(f"hiwin aot: error: --batch {args.batch!r} must be an integer or a "
+                     f"comma-separated list of integers") from None
   cfg = config.load_config(args.config, overrides)
-  result = aot.compile_step(cfg, args.topology, batch=args.batch, seq=args.seq,
-                            slices=args.slices)
-  print(result.summary(), flush=True)
-  return 0 if result.fits else 1
+  attentions = args.attention.split(",") if args.attention else [cfg.model.llm.attention]
+  from hiwin_jax.models.llama import ATTENTIONS
+  if not set(attentions) <= set(ATTENTIONS):
+    raise SystemExit(f"hiwin aot: error: --attention {args.attention!r}: each must be one of "
+                     f"{ATTENTIONS}")
+  results = []
+  for attention in attentions:
+    for batch in batches:
+      cfg.model.llm.attention = attention
+      result = aot.compile_step(cfg, args.topology, batch=batch, seq=args.seq,
+                                slices=args.slices)
+      print(result.summary(), flush=True)
+      results.append(result)
+  if len(results) > 1:
+    print(aot.step_table(results), flush=True)
+  return 0 if all(r.fits for r in results) else 1
 
 
 def _data(args, overrides) -> int:

@@ -52,7 +52,9 @@ def llm_config() -> ConfigDict:
       num_kv_heads=32, head_dim=128, mlp_dim=11008, rms_norm_eps=1e-5, rope_theta=10000.0,
       max_position_embeddings=4096, qkv_bias=False, tie_embeddings=False,
       bos_token_id=1, eos_token_id=2, pad_token_id=0,
-      attention="xla",  # "xla" everywhere; "cudnn" = jax.nn.dot_product_attention on GPU
+      # "xla" everywhere; "cudnn" = jax.nn.dot_product_attention on NVIDIA GPUs; "splash" = the
+      # Pallas TPU splash kernel (training and uncached prefill; interpret mode off TPU)
+      attention="xla",
       remat="none",
   ))
 
@@ -65,7 +67,10 @@ def projector_config() -> ConfigDict:
       feature_scale_mask=7,   # bits 1/2/4 = levels 1x/2x/4x (the 7B config.json says which)
       layout="r1",            # r1: the released 7B token layout; r2: 13B / Qwen2 (branch HEAD)
       jbu_scale=4,
-      conv_impl="xla",        # the Pallas kernels are not partitioned over a sharded batch
+      # adaptive conv of the JBU (kernels/adaptive_conv.py): "auto" = the Pallas kernel of the
+      # platform compiled for (TPU: pallas_tpu, CUDA: pallas_gpu), xla elsewhere; or "xla",
+      # "pallas_tpu", "pallas_gpu"
+      conv_impl="auto",
       # True: reproduce the official CUDA grad_filters bug (official-spec §3.4: only taps 0, 1, 4,
       # 9, 16, 25, 36 of the adaptive-conv filters get gradient), for bit-faithful replays of
       # the official runs.

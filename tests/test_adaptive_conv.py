@@ -1,22 +1,30 @@
 """adaptive_conv (FeatUp AdaptiveConv, NHWC): xla reference vs the independent torch unfold
 reference of tests/reference/jbu.py, its explicit VJP vs autodiff and finite differences, the
-Pallas kernels (TPU and GPU, interpret mode) vs xla, the official-grad-bug flag, and shape
-validation."""
+Pallas kernels (TPU and GPU, interpret mode) vs xla at small and at production block shapes,
+impl="auto" per lowering platform, the kernels inside the JBU stack (alone and shard_mapped under
+a mesh), the official-grad-bug flag, and shape validation."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.test_util import check_grads
 
+from hiwin_jax.config import default_logical_rules
 from hiwin_jax.kernels import adaptive_conv, adaptive_conv_sharded
 from hiwin_jax.kernels import adaptive_conv_pallas_gpu as kgpu
 from hiwin_jax.kernels import adaptive_conv_pallas_tpu as ktpu
 from hiwin_jax.kernels.adaptive_conv import BUGGY_GRAD_TAPS
+from hiwin_jax.models.jbu import JBUStack
+from hiwin_jax.models.layers import Precision
+from hiwin_jax.parallel import sharding
 from tests.numerics import assert_close
 
+ac = importlib.import_module("hiwin_jax.kernels.adaptive_conv")  # the package re-exports the name
 TOL = 1e-6
 
 
@@ -109,7 +117,7 @@ def test_sharded_helper_matches_unsharded_on_batch_sharded_inputs(impl):
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   xpad, filters, g = jax.device_put((xpad, filters, g), batch)
   fn = functools.partial(adaptive_conv_sharded, mesh=mesh, batch_axis="data", impl=impl,
-                         interpret=True)
+                         interpret=impl != "xla")
   got = jax.jit(functools.partial(_vjp, fn))(xpad, filters, g)
   for name, a, e in zip(("out", "grad_x", "grad_filters"), got, want):
     assert a.sharding.is_equivalent_to(batch, a.ndim), (name, a.sharding)
@@ -169,6 +177,154 @@ def test_pallas_kernels_cross_block_boundaries_in_interpret_mode(kernels, blocks
     assert_close(got[name], want[name], TOL, f"{kernels.__name__} {name} {blocks}")
 
 
+# ----------------------------------------------------------------------------- production blocks
+
+# The real JBU: 7 items (6 slices + overview), C = 1024, 24x24 -> 48x48 (level 1) -> 96x96.
+PROD_B, PROD_C = 7, 1024
+# bf16 features are what the bf16 model feeds the kernels (xpad in the compute dtype); the
+# cotangent of the float32 conv output, and the filters, stay float32.
+FEATURE_DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _production_case(b, h, w, c, dtype, seed):
+  """(xpad in `dtype`, filters, g) and the xla passes' float32 (out, grad_x, grad_filters) on
+  those same values (the kernels' oracle, before the custom_vjp casts grad_x to xpad's dtype)."""
+  xpad, filters, g = _inputs(b, h, w, c, seed, dtype)
+  return (xpad, filters, g), (ac.forward_xla(xpad, filters), ac.grad_x_xla(g, filters),
+                              ac.grad_f_xla(g, xpad))
+
+
+@pytest.mark.parametrize("w", [48, 96], ids=["level2x", "level4x"])
+def test_pallas_tpu_production_tiles_are_the_documented_ones(w):
+  want_tc = {48: 512, 96: 256}[w]
+  for dtype in FEATURE_DTYPES:
+    for op in ("forward", "grad_x", "grad_f"):
+      _, th, cp, tc = ktpu.tiles(op, w, w, PROD_C, jnp.float32 if op == "grad_x" else dtype,
+                                 dtype)
+      assert (th, cp, tc) == (8, PROD_C, want_tc), (op, dtype, th, cp, tc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("w", [48, 96], ids=["level2x", "level4x"])
+def test_pallas_tpu_kernels_at_production_block_shapes_in_interpret_mode(w, dtype):
+  """Each kernel with the (th, W, tc) blocks it picks at the real size (B=7, W x W, C=1024; see
+  the test above), on the smallest problem with two blocks along every grid axis: B=2, H=2*th
+  (grad_x: H+6 = 22 rows padded to 24, as 54 -> 56 and 102 -> 104 in production), W = the
+  production W (W is one full-dim block), C = 2*tc. TPU semantics (`pltpu.InterpretParams`)."""
+  blocks = {op: ktpu.tiles(op, w, w, PROD_C, jnp.float32 if op == "grad_x" else dtype, dtype)
+            for op in ("forward", "grad_x", "grad_f")}
+  th, tc = blocks["forward"][1], blocks["forward"][3]
+  (xpad, filters, g), (out, gx, gf) = _production_case(2, 2 * th, w, 2 * tc, dtype, seed=5)
+  force = lambda op: dict(th=blocks[op][1], tc=blocks[op][3])
+  got = {"out": ktpu.forward(xpad, filters, interpret=True, **force("forward")),
+         "grad_x": ktpu.grad_x(g, filters, interpret=True, **force("grad_x")),
+         "grad_filters": ktpu.grad_f(g, xpad, interpret=True, **force("grad_f"))}
+  for name, want in (("out", out), ("grad_x", gx), ("grad_filters", gf)):
+    assert got[name].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(got[name]))), name
+    assert_close(got[name], want, 1e-5, f"pallas_tpu {name} W={w} {jnp.dtype(dtype).name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=["f32", "bf16"])
+def test_pallas_gpu_kernels_at_production_block_shapes_in_interpret_mode(dtype):
+  """The Triton kernels with their production tiles (tw=32, tc=128 at W = 48 or 96, C = 1024)
+  on a grid with two W tiles (W=48 padded to 64; grad_x: 54 -> 64, as production's 102 -> 128
+  pads) and two channel tiles (C=256), B=2, H=3: the production program per grid step."""
+  for w in (48, 54, 96, 102):
+    assert kgpu.tiles(w, PROD_C) == (32, 128), w
+  (xpad, filters, g), (out, gx, gf) = _production_case(2, 3, 48, 256, dtype, seed=6)
+  got = {"out": kgpu.forward(xpad, filters, interpret=True),
+         "grad_x": kgpu.grad_x(g, filters, interpret=True),
+         "grad_filters": kgpu.grad_f(g, xpad, interpret=True)}
+  for name, want in (("out", out), ("grad_x", gx), ("grad_filters", gf)):
+    assert got[name].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(got[name]))), name
+    assert_close(got[name], want, 1e-5, f"pallas_gpu {name} {jnp.dtype(dtype).name}")
+
+
+@pytest.mark.parametrize("platform, marker, absent", [
+    ("tpu", "tpu_custom_call", "triton"), ("cuda", "triton", "tpu_custom_call"),
+    ("cpu", None, ("tpu_custom_call", "triton"))], ids=["tpu", "cuda", "cpu"])
+def test_auto_picks_the_kernel_of_the_platform_lowered_for(platform, marker, absent):
+  """impl="auto" follows the lowering platform (lax.platform_dependent), not the host backend:
+  the same traced program lowers to Mosaic for TPU, Triton for CUDA, and plain XLA on CPU."""
+  xpad, filters, g = _inputs(1, 5, 6, 8)
+  fn = lambda x, f: jax.vjp(adaptive_conv, x, f)[1](g)
+  text = jax.jit(fn).trace(xpad, filters).lower(lowering_platforms=(platform,)).as_text()
+  if marker:
+    assert marker in text, platform
+  for a in (absent,) if isinstance(absent, str) else absent:
+    assert a not in text, (platform, a)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+@pytest.fixture(scope="module")
+def jbu_case():
+  """A JBU 4x stack's inputs (B=2, non-square 5x4 grid, C=8), an output cotangent, and the xla
+  stack's (feat4x, parameter gradients, source gradient)."""
+  rng = np.random.default_rng(7)
+  source = jnp.asarray(rng.standard_normal((2, 5, 4, 8), np.float32))
+  pixels = jnp.asarray(rng.standard_normal((2, 70, 56, 3), np.float32))
+  cot = jnp.asarray(rng.standard_normal((2, 20, 16, 8), np.float32))
+  step, state = _jbu_step("xla", pixels, cot)
+  return (source, pixels, cot), jax.jit(step)(state, source)
+
+
+def _jbu_step(impl, pixels, cot):
+  """(step(state, source) -> (feat4x, grad_state, grad_source), state) of a JBUStack(8) with
+  `conv_impl=impl` (same parameters for every impl)."""
+  graphdef, state = nnx.split(JBUStack(8, precision=Precision.parity(), conv_impl=impl,
+                                       rngs=nnx.Rngs(0)))
+  fn = lambda st, x: nnx.merge(graphdef, st)(x, pixels)["feat4x"]
+  return lambda st, x: (fn(st, x), *jax.vjp(fn, st, x)[1](cot)), state
+
+
+def _assert_jbu_close(got, want, what):
+  """feat4x and the source gradient: <= 1e-5 each. Parameter gradients: <= 1e-5 relative to the
+  largest parameter gradient; a scalar's gradient (range_temp, sigma_spatial) is a sum over every
+  pixel and tap with heavy cancellation, so the 1e-7 rounding differences of the filter
+  gradient, or a mesh's per-shard partial sums, move it by up to ~1e-4 of its own size."""
+  out, gparams, gsource = got
+  assert_close(out, want[0], 1e-5, f"{what}: feat4x")
+  assert_close(gsource, want[2], 1e-5, f"{what}: grad_source")
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want[1]))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(gparams), jax.tree.leaves(want[1])):
+    err = float(jnp.max(jnp.abs(x - y))) / scale
+    assert err <= 1e-5, f"{what}: grad {jax.tree_util.keystr(path)} error {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_jbu_stack_runs_the_pallas_kernels_like_xla(impl, jbu_case):
+  """The model path (not only the op): JBUStack(conv_impl=<pallas>) on CPU lowers the kernels in
+  interpret mode; forward, parameter and source gradients equal the xla stack's."""
+  (source, pixels, cot), want = jbu_case
+  step, state = _jbu_step(impl, pixels, cot)
+  _assert_jbu_close(jax.jit(step)(state, source), want, impl)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_jbu_stack_shard_maps_pallas_impls_over_the_batch_axes_under_a_mesh(impl, jbu_case):
+  """Under a mesh with logical rules (as the trainer runs it) a Pallas impl ("auto" included:
+  TPU and CUDA lower Pallas) runs in a shard_map over the mesh axes of the `batch` rule, since
+  XLA cannot partition a kernel's custom call; the xla impl is left to XLA's partitioner. (A
+  kernel inside the map: test_sharded_helper_matches_unsharded_on_batch_sharded_inputs.)"""
+  (source, pixels, cot), want = jbu_case
+  step, state = _jbu_step(impl, pixels, cot)
+  mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), sharding.use_rules(default_logical_rules()):
+    assert sharding.mesh_axes("batch", 2) == ("data",)
+    assert sharding.mesh_axes("batch", 3) == ()  # 3 rows do not divide over 2 devices
+    jaxpr = str(jax.make_jaxpr(step)(state, source))
+    got = jax.jit(step)(state, source)
+  assert ("shard_map" in jaxpr) == (impl != "xla"), impl
+  _assert_jbu_close(got, want, f"{impl} under a mesh")
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -204,9 +360,11 @@ def _kernel_args(b, h, w, c, dtype, sharding=None):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_gpu_kernels_lower_to_triton_off_device(dtype):
+@pytest.mark.parametrize("shape", [(2, 5, 9, 130), (PROD_B, 96, 96, PROD_C)],
+                         ids=["small", "production"])
+def test_pallas_gpu_kernels_lower_to_triton_off_device(dtype, shape):
   """Pallas -> Triton IR runs in jax itself (power-of-2 rule included); PTX is not built."""
-  for name, args in _kernel_args(2, 5, 9, 130, dtype).items():
+  for name, args in _kernel_args(*shape, dtype).items():
     lowered = jax.jit(getattr(kgpu, name)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "xla.gpu.triton" in lowered.as_text(), name
 
@@ -221,7 +379,8 @@ def test_pallas_tpu_kernels_compile_for_an_abstract_v5p(monkeypatch):
   monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
   devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
-  for shape in [(2, 10, 7, 5), (1, 5, 9, 130), (1, 48, 48, 1024)]:
+  for shape in [(2, 10, 7, 5), (1, 5, 9, 130), (PROD_B, 48, 48, PROD_C),
+                (PROD_B, 96, 96, PROD_C)]:
     for dtype in (jnp.float32, jnp.bfloat16):
       for name, args in _kernel_args(*shape, dtype, sharding).items():
         jax.jit(getattr(ktpu, name)).lower(*args).compile()

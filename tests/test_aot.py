@@ -1,4 +1,5 @@
-"""`hiwin aot` (hiwin_jax/train/aot.py): a train step compiled for an abstract TPU slice.
+"""`hiwin aot` (hiwin_jax/train/aot.py): a train step, and the JBU stack, compiled for an
+abstract TPU slice.
 
 The compile test needs libtpu (the `tpu-aot` extra) and skips without it; the topology names and
 the memory arithmetic are checked everywhere.
@@ -62,3 +63,31 @@ def test_tiny_stage2_step_compiles_for_a_v5p_slice_with_a_memory_report():
   assert m.alias > 0
   assert r.fits and r.model_flops > 0
   assert "fits" in r.summary()
+
+
+def test_step_table_has_one_row_per_compile():
+  m = aot.MemoryReport(argument=20 * GIB, output=20 * GIB, alias=20 * GIB, temp=70 * GIB, code=0)
+  rows = [aot.AotResult(aot.parse_topology("v5p-8"), {"fsdp": 4}, attention, {"llm": "full",
+                                                                            "vision": "full"},
+                        batch, 4 * batch, 4096, 7, m, 1e15, None, 1, 1, 10.0, 50.0)
+          for attention, batch in (("xla", 1), ("splash", 2))]
+  table = aot.step_table(rows).splitlines()
+  assert table[2] == ("| v5p-8 | xla | 1 (4) | 20.0 GiB | 70.0 GiB | 90.0 GiB | 95 GiB | yes "
+                      "| 60 s |"), table[2]
+  assert table[3].startswith("| v5p-8 | splash | 2 (8) |") and len(table) == 4
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+def test_jbu_stack_compiles_per_impl_with_memory_and_cost(impl):
+  pytest.importorskip("libtpu")
+  fwd = aot.compile_jbu("v6e-8", impl, False, items=2, grid=4, channels=128)
+  both = aot.compile_jbu("v6e-8", impl, True, items=2, grid=4, channels=128)
+  assert fwd.chip == "v6e" and fwd.memory.output == 2 * 16 * 16 * 128 * 2  # bf16 feat4x
+  assert both.memory.output > fwd.memory.output  # parameter and source gradients
+  for r in (fwd, both):
+    assert r.cost.flops and r.cost.bytes_accessed and r.memory.total > 0
+  rows = aot.jbu_table([fwd, both]).splitlines()
+  assert rows[2].startswith(f"| v6e | {impl} | fwd |") and rows[3].startswith(
+      f"| v6e | {impl} | fwd+bwd |"), rows

@@ -16,11 +16,18 @@ Implementations (`impl=`), all behind one `jax.custom_vjp` with explicit backwar
   grid), grad_F is a per-tap reduction over C. The CPU path and the oracle for the kernels.
 - "pallas_tpu": Mosaic TPU kernels (`adaptive_conv_pallas_tpu.py`).
 - "pallas_gpu": Pallas-Triton GPU kernels (`adaptive_conv_pallas_gpu.py`).
-- "auto": pallas_tpu on TPU, pallas_gpu on GPU, xla elsewhere (by `jax.default_backend()`).
-  The Pallas kernels are checked in interpret mode and by off-device lowering/compiling
-  only, not yet on hardware: pass impl="xla" to stay on the reference path.
-`interpret=True` runs the Pallas kernels on CPU (TPU kernels with TPU semantics through
-`pltpu.InterpretParams()`).
+- "auto" (the default, and the models' default): the rule is
+      TPU -> pallas_tpu,   CUDA GPU -> pallas_gpu,   anything else (CPU, ROCm) -> xla,
+  decided by the platform the program is *lowered for* (`lax.platform_dependent`), not by
+  `jax.default_backend()`: a train step compiled ahead of time on a CPU host for a TPU slice
+  (`hiwin aot`) gets the Mosaic kernels. The Pallas kernels are checked in interpret mode at
+  the production block shapes and by off-device lowering/compiling; `benchmarks/device_check.py`
+  checks and times them on a card (BUILD_NOTES.md says which numbers exist). impl="xla" keeps
+  the reference path everywhere.
+A Pallas impl lowered for another platform than its own (pallas_tpu on CPU or GPU, pallas_gpu
+on CPU or TPU) runs in Pallas's generic interpret mode (slow; for tests and the CPU smoke
+check); `interpret=True` (Pallas impls only) forces interpret mode everywhere, the TPU kernels
+with TPU semantics (`pltpu.InterpretParams()`).
 
 `official_grad_bug=True` reproduces the indexing bug of the official CUDA
 `adaptive_conv_grad_filters_kernel` (`f = blockIdx.z * blockIdx.z + threadIdx.z`): only
@@ -30,7 +37,8 @@ correct gradient.
 
 Sharding: `pallas_call` cannot be partitioned automatically. Under a jit whose inputs are
 sharded over the batch, call `adaptive_conv_sharded(xpad, filters, mesh=..., batch_axis=...)`
-(a `jax.shard_map` over the batch axis) instead of `adaptive_conv`; the xla impl partitions
+(a `jax.shard_map` over the batch axis) instead of `adaptive_conv`; the JBU modules do this
+by themselves under a mesh and logical-axis rules (`models/jbu.py`). The xla impl partitions
 by itself.
 """
 
@@ -125,26 +133,52 @@ def grad_f_xla(g, xpad):
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _resolve_impl(impl: str) -> str:
+def _check_impl(impl: str, interpret: bool) -> str:
   if impl not in IMPLS:
     raise ValueError(f"adaptive_conv: impl must be one of {IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  backend = jax.default_backend()
-  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend, "xla")
+  if interpret and impl not in _KERNEL_PLATFORM:
+    raise ValueError(f"adaptive_conv: interpret=True needs impl 'pallas_tpu' or 'pallas_gpu', "
+                     f"got {impl!r}")
+  return impl
 
 
-def _impl_fns(impl: str, interpret: bool):
-  """(forward, grad_x, grad_f) callables for a resolved impl."""
-  if impl == "xla":
-    return forward_xla, grad_x_xla, grad_f_xla
+_XLA_FNS = (forward_xla, grad_x_xla, grad_f_xla)
+# The platform each Pallas impl compiles for (lax.platform_dependent's names).
+_KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
+_AUTO = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}
+
+
+def _kernel_fn(impl: str, op: int, interpret):
   if impl == "pallas_tpu":
     from hiwin_jax.kernels import adaptive_conv_pallas_tpu as k
   else:
     from hiwin_jax.kernels import adaptive_conv_pallas_gpu as k
-  return (functools.partial(k.forward, interpret=interpret),
-          functools.partial(k.grad_x, interpret=interpret),
-          functools.partial(k.grad_f, interpret=interpret))
+  fn = (k.forward, k.grad_x, k.grad_f)[op]
+
+  def run(a, b):
+    # The kernels compute in float32; float64 inputs (x64 mode) get float64 results, as on the
+    # xla path, so every platform branch has the same output type.
+    return fn(a, b, interpret=interpret).astype(_acc_dtype(a.dtype, b.dtype))
+
+  return run
+
+
+def _op(impl: str, op: int, interpret: bool):
+  """The callable for pass `op` (0 forward, 1 grad_x, 2 grad_f) of `impl`, chosen per lowering
+  platform (see the module docstring). The off-platform branch of a Pallas impl uses the
+  generic interpreter: `lax.platform_dependent` branches must agree in side effects, and the TPU
+  simulator (`interpret=True`) has some."""
+  if impl == "xla":
+    return _XLA_FNS[op]
+  if interpret:
+    return _kernel_fn(impl, op, True)
+  if impl == "auto":
+    branches = {p: _kernel_fn(k, op, False) for p, k in _AUTO.items()}
+    default = _XLA_FNS[op]
+  else:
+    branches = {_KERNEL_PLATFORM[impl]: _kernel_fn(impl, op, False)}
+    default = _kernel_fn(impl, op, "generic")
+  return lambda a, b: lax.platform_dependent(a, b, default=default, **branches)
 
 
 def _buggy_tap_mask(dtype):
@@ -155,18 +189,17 @@ def _buggy_tap_mask(dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _adaptive_conv(xpad, filters, impl, official_grad_bug, interpret):
-  return _impl_fns(impl, interpret)[0](xpad, filters)
+  return _op(impl, 0, interpret)(xpad, filters)
 
 
 def _adaptive_conv_fwd(xpad, filters, impl, official_grad_bug, interpret):
-  return _impl_fns(impl, interpret)[0](xpad, filters), (xpad, filters)
+  return _op(impl, 0, interpret)(xpad, filters), (xpad, filters)
 
 
 def _adaptive_conv_bwd(impl, official_grad_bug, interpret, res, g):
   xpad, filters = res
-  _, grad_x, grad_f = _impl_fns(impl, interpret)
-  gx = grad_x(g, filters).astype(xpad.dtype)
-  gf = grad_f(g, xpad)
+  gx = _op(impl, 1, interpret)(g, filters).astype(xpad.dtype)
+  gf = _op(impl, 2, interpret)(g, xpad)
   if official_grad_bug:
     gf = gf * _buggy_tap_mask(gf.dtype)
   return gx, gf.astype(filters.dtype)
@@ -204,12 +237,13 @@ def adaptive_conv(xpad, filters, *, impl: str = "auto", official_grad_bug: bool 
 
   xpad: [B, H+6, W+6, C] reflect-padded features (any float dtype).
   filters: [B, H, W, 49] per-pixel taps, p = 7*row_offset + col_offset (float32).
-  returns: [B, H, W, C] float32 (float64 for float64 inputs on impl="xla").
-  Differentiable in both arguments; cotangents have the primal dtypes.
+  returns: [B, H, W, C] float32 (float64 for float64 inputs).
+  Differentiable in both arguments; cotangents have the primal dtypes. `impl` and `interpret`:
+  see the module docstring.
   """
   _validate(xpad, filters)
-  return _adaptive_conv_jit(xpad, filters, _resolve_impl(impl), bool(official_grad_bug),
-                            bool(interpret))
+  return _adaptive_conv_jit(xpad, filters, _check_impl(impl, interpret),
+                            bool(official_grad_bug), bool(interpret))
 
 
 def adaptive_conv_sharded(xpad, filters, *, mesh, batch_axis="data", **kwargs):

@@ -56,7 +56,11 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def _tiles(w, c, tw, tc):
+def tiles(w: int, c: int, tw: int | None = None, tc: int | None = None) -> tuple[int, int]:
+  """(tw, tc): the W and channel tiles of a kernel whose grid spans `w` columns (the output's W
+  for forward and grad_F, the padded W + 6 for grad_x) and `c` channels. Forced values are kept
+  (powers of 2). At production size (W = 48 or 96, and 54 or 102 for grad_x; C = 1024) every
+  kernel uses tw=32, tc=128."""
   tw = tw or min(32, pl.next_power_of_2(w))
   tc = tc or min(128, pl.next_power_of_2(c))
   if tw & (tw - 1) or tc & (tc - 1):
@@ -108,7 +112,7 @@ def forward(xpad, filters, *, interpret=False, tw=None, tc=None):
   xpad, filters = _f32_io(xpad), filters.astype(jnp.float32)
   bsz, hp, wp, c = xpad.shape
   h, w = hp - 2 * R, wp - 2 * R
-  tw, tc = _tiles(w, c, tw, tc)
+  tw, tc = tiles(w, c, tw, tc)
   wq, cq = _round_up(w, tw), _round_up(c, tc)
   x = _pad(xpad, ((0, 0), (0, 0), (0, wq - w), (0, cq - c)))
   f = _pad(jnp.transpose(filters, (0, 3, 1, 2)), ((0, 0), (0, 0), (0, 0), (0, wq - w)))
@@ -142,7 +146,7 @@ def grad_x(g, filters, *, interpret=False, tw=None, tc=None):
   g, filters = _f32_io(g), filters.astype(jnp.float32)
   bsz, h, w, c = g.shape
   hp, wp = h + 2 * R, w + 2 * R
-  tw, tc = _tiles(wp, c, tw, tc)
+  tw, tc = tiles(wp, c, tw, tc)
   wq, cq = _round_up(wp, tw), _round_up(c, tc)
   halo = 2 * R
   gz = _pad(g, ((0, 0), (halo, halo), (halo, halo + wq - wp), (0, cq - c)))
@@ -182,7 +186,7 @@ def grad_f(g, xpad, *, interpret=False, tw=None, tc=None):
   """g [B, H, W, C], xpad [B, H+6, W+6, C] -> grad wrt filters [B, H, W, 49] float32."""
   g, xpad = _f32_io(g), _f32_io(xpad)
   bsz, h, w, c = g.shape
-  tw, tc = _tiles(w, c, tw, tc)
+  tw, tc = tiles(w, c, tw, tc)
   wq, cq = _round_up(w, tw), _round_up(c, tc)
   gq = _pad(g, ((0, 0), (0, 0), (0, wq - w), (0, cq - c)))
   xq = _pad(xpad, ((0, 0), (0, 0), (0, wq - w), (0, cq - c)))

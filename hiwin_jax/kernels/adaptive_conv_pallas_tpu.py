@@ -26,7 +26,10 @@ the same calls). Not yet run or timed on a TPU.
   (W, 49) row by an iota select, accumulated in the resident output block over the
   channel grid axis ("arbitrary").
 
-`interpret=True` runs them through `pltpu.InterpretParams()` (TPU semantics on CPU).
+`interpret=True` runs them through `pltpu.InterpretParams()` (TPU semantics on CPU, with
+ordered callbacks); `interpret="generic"` through Pallas's generic interpreter, which has no side
+effects and can therefore share a `lax.platform_dependent` with the compiled kernel (what
+`adaptive_conv` runs off TPU).
 Block sizes can be forced with `th=` / `tc=` (tests use that to cross block boundaries).
 """
 
@@ -54,6 +57,8 @@ def _round_up(x, m):
 
 
 def _interpret_arg(interpret):
+  if interpret == "generic":
+    return True
   if not interpret:
     return False
   params = getattr(pltpu, "InterpretParams", None)
@@ -85,6 +90,37 @@ def _tiles(rows, c, vmem_bytes, th=None, tc=None):
   if th is None:
     th_ = -(-rows // -(-rows // th_))   # same block count, least row padding
   return _round_up(rows, th_), th_, _round_up(c, tc_), tc_
+
+
+def _vmem_bytes(op, th, tc, w, dtype, x_dtype):
+  """VMEM estimate of one grid step of `op` (blocks double-buffered, f32 upcast copies)."""
+  isz = jnp.dtype(dtype).itemsize
+  up = 0 if jnp.dtype(dtype) == jnp.float32 else 4
+  wp = w + 2 * R
+  if op == "forward":    # x, filters, out, one accumulator row
+    return ((th + 2 * R) * wp * tc * (2 * isz + up) + th * w * LANES * 4 * 2
+            + th * w * tc * 4 * 2 + w * tc * 4)
+  if op == "grad_x":     # g, filters (both with a 6-wide zero halo), out, one accumulator row
+    wz = w + 4 * R
+    return ((th + 2 * R) * wz * (tc * (2 * isz + up) + LANES * 4 * 2)
+            + th * wp * tc * 4 * 2 + wp * tc * 4)
+  xsz = jnp.dtype(x_dtype).itemsize  # grad_f: x and g, resident out, one row
+  up = 4 if up or jnp.dtype(x_dtype) != jnp.float32 else 0
+  return ((th + 2 * R) * wp * tc * (2 * xsz + up) + th * w * tc * (2 * isz + up)
+          + th * w * LANES * 4 * 2 + w * tc * 4)
+
+
+def tiles(op: str, h: int, w: int, c: int, dtype, x_dtype=None, *, th=None, tc=None):
+  """(padded grid rows, th, padded C, tc) that kernel `op` ("forward", "grad_x", "grad_f") uses
+  for an output of [., h, w, c] (grad_x's grid covers the h + 6 padded rows). `dtype` is the
+  feature operand's (xpad for forward, g for the gradients), `x_dtype` grad_f's xpad, both after
+  the f16/f64 -> f32 conversion. Forced `th`/`tc` are kept. At production size (B=7, C=1024)
+  every kernel picks th=8 with tc=512 at 48x48 and tc=256 at 96x96, f32 or bf16 features."""
+  if op not in ("forward", "grad_x", "grad_f"):
+    raise ValueError(f"unknown adaptive-conv kernel {op!r}")
+  rows = h + 2 * R if op == "grad_x" else h
+  vmem = lambda th_, tc_: _vmem_bytes(op, th_, tc_, w, dtype, x_dtype or dtype)
+  return _tiles(rows, c, vmem, th, tc)
 
 
 def _f32_io(x):
@@ -149,13 +185,7 @@ def forward(xpad, filters, *, interpret=False, th=None, tc=None):
   bsz, hp, wp, c = xpad.shape
   h, w = hp - 2 * R, wp - 2 * R
   isz = xpad.dtype.itemsize
-  up = 0 if xpad.dtype == jnp.float32 else 4
-
-  def vmem(th, tc):  # x (double-buffered + f32 copy), filters, out, one accumulator row
-    return ((th + 2 * R) * wp * tc * (2 * isz + up) + th * w * LANES * 4 * 2
-            + th * w * tc * 4 * 2 + w * tc * 4)
-
-  hq, th, cp, tc = _tiles(h, c, vmem, th, tc)
+  hq, th, cp, tc = tiles("forward", h, w, c, xpad.dtype, th=th, tc=tc)
   x = _pad_to(xpad, (bsz, hq + 2 * R, wp, cp))
   f = _pad_to(filters, (bsz, hq, w, T))
   scratch = [] if xpad.dtype == jnp.float32 else [pltpu.VMEM((th + 2 * R, wp, tc), jnp.float32)]
@@ -205,13 +235,7 @@ def grad_x(g, filters, *, interpret=False, th=None, tc=None):
   bsz, h, w, c = g.shape
   hp, wp, wz = h + 2 * R, w + 2 * R, w + 4 * R
   isz = g.dtype.itemsize
-  up = 0 if g.dtype == jnp.float32 else 4
-
-  def vmem(th, tc):  # g (double-buffered + f32 copy), filters, out, one accumulator row
-    return ((th + 2 * R) * wz * (tc * (2 * isz + up) + LANES * 4 * 2)
-            + th * wp * tc * 4 * 2 + wp * tc * 4)
-
-  hq, th, cp, tc = _tiles(hp, c, vmem, th, tc)
+  hq, th, cp, tc = tiles("grad_x", h, w, c, g.dtype, th=th, tc=tc)
   # Zero halo of 6 on every side (rows: up to hq + 6 so the last block's halo is in range).
   row_pad = ((0, 0), (2 * R, hq - h), (2 * R, 2 * R), (0, 0))
   gz = jnp.pad(_pad_to(g, (bsz, h, w, cp)), row_pad)
@@ -270,13 +294,7 @@ def grad_f(g, xpad, *, interpret=False, th=None, tc=None):
   wp = w + 2 * R
   gsz, xsz = g.dtype.itemsize, xpad.dtype.itemsize
   upcast = g.dtype != jnp.float32 or xpad.dtype != jnp.float32
-  up = 4 if upcast else 0
-
-  def vmem(th, tc):  # x and g (double-buffered + f32 copies), resident out, one row
-    return ((th + 2 * R) * wp * tc * (2 * xsz + up) + th * w * tc * (2 * gsz + up)
-            + th * w * LANES * 4 * 2 + w * tc * 4)
-
-  hq, th, cp, tc = _tiles(h, c, vmem, th, tc)
+  hq, th, cp, tc = tiles("grad_f", h, w, c, g.dtype, xpad.dtype, th=th, tc=tc)
   gq = _pad_to(g, (bsz, hq, w, cp))
   xq = _pad_to(xpad, (bsz, hq + 2 * R, wp, cp))
   scratch = ([pltpu.VMEM((th, w, tc), jnp.float32),

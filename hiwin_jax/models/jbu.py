@@ -33,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hiwin_jax.kernels.adaptive_conv import adaptive_conv
+from hiwin_jax.kernels.adaptive_conv import adaptive_conv, adaptive_conv_sharded
 from hiwin_jax.models.layers import Linear, Precision, param, scaled
 from hiwin_jax.models.resize import (adaptive_avg_pool2d, reflect_pad, reflect_pad_per_item,
                                      resize_bicubic, upsample2x_bicubic)
+from hiwin_jax.parallel import sharding
 
 _F32 = jnp.float32
 _TENTH = np.float32(0.1)  # torch multiplies a bf16 tensor by the Python 0.1 in float32 opmath
@@ -144,7 +145,11 @@ class JBULearnedRange(nnx.Module):
   """FeatUp's `JBULearnedRange(guidance_dim, feat_dim, key_dim, scale=2, radius)`: one 2x step.
 
   Parameter names follow the official Sequential indices (`range_proj.0` -> `range_proj_0`).
-  `conv_impl` selects the adaptive-conv implementation (`kernels.adaptive_conv`).
+  `conv_impl` selects the adaptive-conv implementation (`kernels.adaptive_conv`): "auto" (the
+  default) is the Pallas kernel of the platform the program is lowered for (TPU: pallas_tpu,
+  CUDA: pallas_gpu) and xla elsewhere. Under a mesh with logical-axis rules
+  (`sharding.use_rules`), a Pallas impl runs in a `shard_map` over the mesh axes of the
+  `batch` rule (`pallas_call` cannot be partitioned by XLA); the xla impl partitions itself.
   `official_grad_bug=True` reproduces the official CUDA `grad_filters` bug (spec §3.4): the
   conv's filter cotangent keeps only taps 0, 1, 4, 9, 16, 25, 36 (the other 42 get zero), and so
   does every gradient that flows through the filters (range projection, `range_temp`,
@@ -153,7 +158,7 @@ class JBULearnedRange(nnx.Module):
   """
 
   def __init__(self, feat_dim: int, *, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3,
-               precision: Precision, conv_impl: str = "xla", official_grad_bug: bool = False,
+               precision: Precision, conv_impl: str = "auto", official_grad_bug: bool = False,
                rngs: nnx.Rngs):
     if radius != 3:
       raise ValueError(f"radius {radius}: the adaptive convolution is a 7x7 (radius 3) kernel")
@@ -236,8 +241,12 @@ class JBULearnedRange(nnx.Module):
       padded = reflect_pad_per_item(upsample2x_bicubic(source, grid), self.radius, 2 * grid)
     # padded stays in the compute dtype: the conv upcasts each tap's slice to float32 itself
     # (exact), so a bf16 module never holds a float32 copy of the [B, 2h+6, 2w+6, C] map.
-    return adaptive_conv(padded, kernel, impl=self.conv_impl,
-                         official_grad_bug=self.official_grad_bug)
+    conv = dict(impl=self.conv_impl, official_grad_bug=self.official_grad_bug)
+    axes = () if self.conv_impl == "xla" else sharding.mesh_axes("batch", b)
+    if axes:
+      return adaptive_conv_sharded(padded, kernel, mesh=jax.sharding.get_abstract_mesh(),
+                                   batch_axis=axes, **conv)
+    return adaptive_conv(padded, kernel, **conv)
 
 
 class JBUStack(nnx.Module):
@@ -253,7 +262,7 @@ class JBUStack(nnx.Module):
   """
 
   def __init__(self, feat_dim: int, *, scale: int = 4, precision: Precision,
-               conv_impl: str = "xla", official_grad_bug: bool = False, rngs: nnx.Rngs):
+               conv_impl: str = "auto", official_grad_bug: bool = False, rngs: nnx.Rngs):
     levels = {2: 1, 4: 2, 8: 3}
     if scale not in levels:
       raise ValueError(f"JBU stack scale must be 2, 4 or 8, got {scale}")

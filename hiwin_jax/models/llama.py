@@ -24,9 +24,14 @@ from flax import nnx
 
 from hiwin_jax.models.layers import (Linear, Precision, RMSNorm, checkpoint_name, normal_init,
                                      param, scan_layers, stack_layers)
+from hiwin_jax.parallel import sharding
 from hiwin_jax.parallel.sharding import constrain
 
 Cache = dict[str, jax.Array]
+# "xla": einsums, every platform. "cudnn": jax.nn.dot_product_attention's cuDNN flash kernel
+# (NVIDIA GPUs). "splash": the Pallas TPU splash kernel for training and prefill without a cache
+# (cached decoding uses the xla path).
+ATTENTIONS = ("xla", "cudnn", "splash")
 _MASKED = float(np.finfo(np.float32).min)  # finite, so fully masked (padding) rows stay NaN-free
 
 
@@ -92,6 +97,75 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
 
 
+_SPLASH_BLOCKS = (512, 256, 128)
+
+
+def _splash_kernel(seq: int, group: int, interpret: bool):
+  """Splash MQA kernel for `group` query heads sharing one k/v head, causal over `seq` tokens."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  block = next(b for b in _SPLASH_BLOCKS if seq % b == 0)
+  sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  mask = sa.MultiHeadMask([sa.CausalMask((seq, seq))] * group)
+  return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """One shard: q [b, S, KVH, G, D] (already scaled), k/v [b, KVH, S, D], segment_ids [b, S]
+  -> [b, S, KVH, G, D]. S is padded to a multiple of 128 (padding is segment 0)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  b, s, kvh, g, d = q.shape
+  sp = -(-s // _SPLASH_BLOCKS[-1]) * _SPLASH_BLOCKS[-1]
+  if sp != s:
+    q = jnp.pad(q, ((0, 0), (0, sp - s), (0, 0), (0, 0), (0, 0)))
+    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (k, v))
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, sp - s)))
+  qh = q.transpose(0, 2, 3, 1, 4)                                           # [b, KVH, G, S, D]
+
+  def run(interpret):
+    kernel = _splash_kernel(sp, g, interpret)
+    per_head = jax.vmap(lambda q1, k1, v1, seg: kernel(q1, k1, v1, segment_ids=seg),
+                        in_axes=(0, 0, 0, None))
+    return lambda qh, k, v, seg: jax.vmap(per_head)(qh, k, v, sa.SegmentIds(seg, seg))
+
+  out = jax.lax.platform_dependent(qh, k, v, segment_ids, tpu=run(False), default=run(True))
+  return out.transpose(0, 3, 1, 2, 4)[:, :s]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     segment_ids: jax.Array) -> jax.Array:
+  """Causal attention with the Pallas TPU splash kernel
+  (`jax.experimental.pallas.ops.tpu.splash_attention`, what MaxText uses on TPU): no [S, S]
+  score matrix in HBM, fully masked blocks skipped. Lowered for another platform than TPU it runs
+  in interpret mode (tests, CPU).
+
+  q: [B, S, H, D], k/v: [B, KVH, S, D] (GQA: query head h uses kv head h // (H / KVH)),
+  segment_ids [B, S] int32 (1 = real token, 0 = padding: padding keys are never attended; rows
+  of padding queries are unspecified) -> [B, S, H, D] in q's dtype. q is scaled by D^-0.5 before
+  the q.k product (the kernel takes scaled queries), so bf16 rounds differently from
+  `xla_attention`, which scales the float32 scores. Under a mesh with logical rules the kernel
+  runs in a shard_map over the `batch` and `kv_heads` mesh axes (Mosaic kernels are not
+  partitioned by XLA).
+  """
+  b, s, h, d = q.shape
+  kvh = k.shape[1]
+  qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, s, kvh, h // kvh, d)
+  segment_ids = segment_ids.astype(jnp.int32)
+  batch_axes = sharding.mesh_axes("batch", b)
+  head_axes = sharding.mesh_axes("kv_heads", kvh)
+  if batch_axes or head_axes:
+    P = jax.sharding.PartitionSpec
+    bx, hx = batch_axes or None, head_axes or None
+    out = jax.shard_map(
+        _splash_local, mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(bx, None, hx), P(bx, hx), P(bx, hx), P(bx)), out_specs=P(bx, None, hx),
+        check_vma=False)(qg, k, v, segment_ids)
+  else:
+    out = _splash_local(qg, k, v, segment_ids)
+  return out.reshape(b, s, h, d)
+
+
 # --- modules ----------------------------------------------------------------------------------
 
 class Embedding(nnx.Module):
@@ -146,15 +220,18 @@ class LlamaAttention(nnx.Module):
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       new_kv = (k_cache, v_cache)
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    if self.attention == "xla":
+    if self.attention == "xla" or (self.attention == "splash" and kv_cache is not None):
       ctx = xla_attention(q, k, v, mask, self.precision)
+    elif self.attention == "splash":
+      # Without a cache the last query row of the causal mask is exactly the key validity.
+      ctx = splash_attention(q, k, v, mask[:, -1, :])
     elif self.attention == "cudnn":
       # jax.nn.dot_product_attention takes [B, T, KVH, D]: without a cache the two transposes
       # cancel; with one, each decode step transposes the cache (as the xla path did before).
       ctx = cudnn_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                             None if causal_only else mask)
     else:
-      raise ValueError(f"unknown llm attention {self.attention!r}; choose 'xla' or 'cudnn'")
+      raise ValueError(f"unknown llm attention {self.attention!r}; choose one of {ATTENTIONS}")
     ctx = checkpoint_name(ctx.reshape(b, s, self.num_heads * self.head_dim), "context")
     return checkpoint_name(self.o_proj(ctx), "out_proj"), new_kv
 
@@ -201,8 +278,8 @@ class LlamaModel(nnx.Module):
   def __init__(self, cfg, precision: Precision, *, rngs: nnx.Rngs):
     if cfg.arch not in ("llama", "qwen2"):
       raise ValueError(f"llm arch {cfg.arch!r} is not supported; choose 'llama' or 'qwen2'")
-    if cfg.attention not in ("xla", "cudnn"):
-      raise ValueError(f"unknown llm attention {cfg.attention!r}; choose 'xla' or 'cudnn'")
+    if cfg.attention not in ATTENTIONS:
+      raise ValueError(f"unknown llm attention {cfg.attention!r}; choose one of {ATTENTIONS}")
     self.precision = precision
     self.num_layers, self.num_kv_heads, self.head_dim = (cfg.num_layers, cfg.num_kv_heads,
                                                          cfg.head_dim)

@@ -112,6 +112,20 @@ def use_rules(rules: Rules):
     _RULES.reset(token)
 
 
+def mesh_axes(logical: str, size: int) -> tuple[str, ...]:
+  """The mesh axes a dimension of `size` named `logical` is sharded over in this context (as
+  `constrain` would shard it); empty without a mesh or rules in context. Callers that must
+  `shard_map` a kernel (Pallas) over that dimension use it as the axis names of the map."""
+  table = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if table is None or mesh.empty:
+    return ()
+  spec = logical_to_spec([logical], table, mesh, (size,))[0]
+  if spec is None:
+    return ()
+  return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names; a no-op without a mesh or rules in context."""
   table = _RULES.get()

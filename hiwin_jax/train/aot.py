@@ -1,5 +1,5 @@
-"""TPU pods without TPUs: compile a stage 1/2 train step for an abstract TPU topology on a CPU
-machine and read its per-chip memory from the compiler.
+"""TPU pods without TPUs: compile a stage 1/2 train step (or the JBU stack alone) for an abstract
+TPU topology on a CPU machine and read per-chip memory and XLA's cost analysis from the compiler.
 
 libtpu (the `tpu-aot` extra, the wheel matching jax) describes a TPU slice's devices without the
 hardware (`jax.experimental.topologies.get_topology_desc`). The config's mesh is built over those
@@ -17,6 +17,16 @@ overview, all on the 24x24 canvas (576 patches, 144 tokens each), in a sequence 
 
   hiwin aot --config stage2_sft --topology v5p-8 --batch 2 --seq 4096 \
       --config.model.llm.remat=full
+  hiwin aot --topology v5p-8 --batch 1,2,4 --attention xla,splash   # a table of combinations
+  hiwin aot --topology v6e-8 --jbu                                  # JBU stack: pallas_tpu vs xla
+
+The JBU report (`compile_jbu`): the JBU 4x stack of the real model (C=1024, 7 items 24x24 ->
+48x48 -> 96x96, bf16 compute) on one chip, forward and forward + backward (gradients of every JBU
+parameter and of the source), per adaptive-conv impl. Besides the memory it prints XLA's cost
+analysis: FLOPs, bytes accessed and XLA's own time estimate (`optimal_seconds`). XLA counts a
+while loop's body once (the xla impl runs its 49 taps, and both impls the range-kernel rows, in
+loops), so the xla rows' FLOPs, bytes and time are lower bounds; a Pallas kernel's numbers are
+the `pl.CostEstimate` its wrapper declares.
 """
 
 from __future__ import annotations
@@ -199,9 +209,29 @@ class MemoryReport:
 
 
 @dataclasses.dataclass(frozen=True)
+class CostReport:
+  """XLA's cost analysis of a compiled program (per chip): FLOPs, bytes accessed, XLA's time
+  estimate in seconds (None where the backend gives none), and the number of while loops (whose
+  bodies the analysis counts once)."""
+  flops: float | None
+  bytes_accessed: float | None
+  seconds: float | None
+  while_loops: int
+
+  @classmethod
+  def from_compiled(cls, compiled) -> CostReport:
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    get = lambda k: float(cost[k]) if cost.get(k) else None
+    return cls(get("flops"), get("bytes accessed"), get("optimal_seconds"),
+               compiled.as_text().count(" while("))
+
+
+@dataclasses.dataclass(frozen=True)
 class AotResult:
   topology: Topology
   mesh_shape: dict[str, int]
+  attention: str
   remat: dict[str, str]
   rows_per_shard: int
   global_rows: int
@@ -225,7 +255,8 @@ class AotResult:
     xla = f"{self.xla_flops / 1e12:.4g} TFLOP per chip (XLA)" if self.xla_flops else "n/a"
     lines = [
         f"topology {t.name} ({t.libtpu_name}, {t.num_chips} chips), mesh {self.mesh_shape}",
-        (f"remat llm={self.remat['llm']} vision={self.remat['vision']}; batch "
+        (f"attention {self.attention}; remat llm={self.remat['llm']} "
+         f"vision={self.remat['vision']}; batch "
          f"{self.rows_per_shard} rows per batch shard ({self.global_rows} global per "
          f"micro-batch), seq {self.seq}, {self.slices} slices + overview per sample"),
         (f"parameters: {self.num_trainable / 1e6:.1f} M trainable, "
@@ -259,7 +290,84 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost["flops"]) if cost and cost.get("flops") else None
   return AotResult(
-      topo, dict(mesh.shape), {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
+      topo, dict(mesh.shape), cfg.model.llm.attention,
+      {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
       batch, int(abstract_batch["input_ids"].shape[1]), seq, slices,
       MemoryReport.from_compiled(compiled), trainer.flops(host), xla_flops,
       trainer.num_trainable, trainer.num_frozen, t1 - t0, t2 - t1)
+
+
+def step_table(results: list[AotResult]) -> str:
+  """A markdown table of train-step compiles (one row per topology x attention x batch)."""
+  g = lambda b: f"{b / GIB:.1f} GiB"
+  rows = ["| topology | attention | batch/chip (global) | arguments | temporaries | total | HBM "
+          "| fits | lower + compile |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    m, hbm = r.memory, r.topology.chip.hbm_gib
+    rows.append(f"| {r.topology.name} | {r.attention} | {r.rows_per_shard} ({r.global_rows}) | "
+                f"{g(m.argument)} | {g(m.temp)} | {g(m.total)} | {hbm:g} GiB | "
+                f"{'yes' if r.fits else 'no'} | {r.lower_s + r.compile_s:.0f} s |")
+  return "\n".join(rows)
+
+
+# --- the JBU stack on one chip ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class JbuResult:
+  chip: str
+  impl: str
+  backward: bool
+  memory: MemoryReport
+  cost: CostReport
+  compile_s: float
+
+
+def compile_jbu(topology: str, impl: str, backward: bool, *, items: int = 7, grid: int = 24,
+                channels: int = 1024, dtype: str = "bfloat16") -> JbuResult:
+  """Compiles the JBU 4x stack for one chip of `topology` (see the module docstring): source
+  [items, grid, grid, channels] in `dtype`, pixels [items, 14 grid, 14 grid, 3] float32,
+  parameters float32; forward = feat4x; backward = the gradients of sum(feat4x^2) w.r.t. every
+  JBU parameter and the source."""
+  from flax import nnx
+
+  from hiwin_jax.models.jbu import JBUStack
+  from hiwin_jax.models.layers import DTYPES, Precision
+  topo = parse_topology(topology)
+  device = jax.sharding.SingleDeviceSharding(abstract_devices(topo)[0])
+  precision = Precision(dtype=DTYPES[dtype], param_dtype=jnp.float32)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: JBUStack(
+      channels, precision=precision, conv_impl=impl, rngs=nnx.Rngs(0))))
+  on_chip = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+  state = jax.tree.map(on_chip, state)
+  source = on_chip(jax.ShapeDtypeStruct((items, grid, grid, channels), precision.dtype))
+  pixels = on_chip(jax.ShapeDtypeStruct((items, PATCH_SIZE * grid, PATCH_SIZE * grid, 3),
+                                        jnp.float32))
+
+  def forward(state, source, pixels):
+    return nnx.merge(graphdef, state)(source, pixels)["feat4x"]
+
+  fn = forward
+  if backward:
+    fn = jax.grad(lambda st, x, px: jnp.sum(forward(st, x, px).astype(jnp.float32) ** 2),
+                  argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(state, source, pixels).compile()
+  return JbuResult(topo.chip.prefix, impl, backward, MemoryReport.from_compiled(compiled),
+                   CostReport.from_compiled(compiled), time.perf_counter() - t0)
+
+
+def jbu_table(results: list[JbuResult]) -> str:
+  """A markdown table of JBU stack compiles (one row per chip x impl x pass)."""
+  mib = lambda b: f"{b / 2 ** 20:.0f}"
+  opt = lambda x, f: "n/a" if x is None else f(x)
+  rows = ["| chip | impl | pass | arguments MiB | temporaries MiB | output MiB | XLA GFLOP | "
+          "XLA GB accessed | XLA time estimate | while loops |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    m, c = r.memory, r.cost
+    rows.append(f"| {r.chip} | {r.impl} | {'fwd+bwd' if r.backward else 'fwd'} | "
+                f"{mib(m.argument)} | {mib(m.temp)} | {mib(m.output)} | "
+                f"{opt(c.flops, lambda x: f'{x / 1e9:.1f}')} | "
+                f"{opt(c.bytes_accessed, lambda x: f'{x / 1e9:.2f}')} | "
+                f"{opt(c.seconds, lambda x: f'{x * 1e6:.0f} us')} | {c.while_loops} |")
+  return "\n".join(rows)
