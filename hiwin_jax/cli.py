@@ -4,12 +4,19 @@
 Config-driven subcommands take `--config NAME_OR_PATH` and any number of
 `--config.a.b=value` overrides (ml_collections style). The handlers parse and report; the work
 is library code (`hiwin_jax.demo`, `train/`, `infer/`, `weights`, the converters).
+
+Errors. A mistake the user can fix (a flag, an override, a missing or malformed file, a folder
+that cannot be written) exits with status 2 and one line naming the flag, file, field or value
+and what is expected; anything else is reported as an internal error in one line (status 1).
+`--debug` (or `HIWIN_DEBUG=1`) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -18,11 +25,48 @@ import pathlib
 import sys
 from typing import Sequence
 
+from hiwin_jax import config
+
 # The configs in configs/ by kind (tests/test_cli.py checks these lists against the folder).
 MODEL_CONFIGS = ("tiny", "vicuna7b", "vicuna13b", "qwen2_7b")
 STAGE_CONFIGS = ("vdim_stage0", "stage1_pretrain", "stage2_sft", "vdim_stage0_tiny",
                  "tiny_stage1", "tiny_stage2")
 STAGES = ("vdim", "pretrain", "sft")
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with its error on one line (the usage is one `--help` away)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(ValueError):
+  """A flag, or a combination of flags, the command cannot work with."""
+
+
+def _int_at_least(lo: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < lo:
+      raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+    return value
+  return parse
+
+
+def _number_in(lo: float, hi: float, *, lo_open: bool = False, what: str):
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      value = float("nan")
+    if not ((lo < value if lo_open else lo <= value) and value <= hi):
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+  return parse
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str, kind: str) -> None:
@@ -48,11 +92,19 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="hiwin", description="LLaVA-UHD v2 in JAX: demo, training, weight conversion.",
-      epilog="Config overrides: --config.model.llm.num_layers=2 (any subcommand with --config).")
+      epilog="Config overrides: --config.model.llm.num_layers=2 (any subcommand with --config). "
+             "Errors are one line; --debug (or HIWIN_DEBUG=1) shows the traceback.")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-  sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+  parser.add_argument("--debug", action="store_true",
+                      help="tracebacks for errors (also HIWIN_DEBUG=1)")
+  # --debug after the subcommand too; SUPPRESS keeps the subcommand from resetting it to False.
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="tracebacks for errors (also HIWIN_DEBUG=1)")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND",
+                              parser_class=functools.partial(_Parser, parents=[common]))
 
   demo = sub.add_parser(
       "demo", help="offline end-to-end run: a tiny LLaVA-UHD v2 trained on CPU (no downloads)",
@@ -86,9 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "LlamaForCausalLM / Qwen2ForCausalLM; hf-clip: CLIPVisionModel")
   _add_config_args(conv, "vicuna7b", "model")
   conv.add_argument("--input", required=True, help="source folder or file")
-  conv.add_argument("--output", required=True, help="destination folder")
-  conv.add_argument("--dtype", default=None,
-                    help="dtype of the written tensors (float32, bfloat16; default: as stored)")
+  conv.add_argument("--output", required=True,
+                    help="destination folder: new or empty (written completely or not at all)")
+  conv.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty --output whole (only if it holds nothing but an "
+                         "earlier output of this kind: model files, or a hiwin checkpoint)")
+  conv.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES,
+                    help="dtype of the written tensors (default: as stored)")
 
   data = sub.add_parser(
       "data", help="training data tools (build: LLaVA json + images -> prepared ArrayRecord)",
@@ -132,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                   choices=["none", "vqa", "anls", "relaxed", "exact", "normalized", "choice",
                            "mme"],
                   help="score the answers with this metric (default: none)")
-  ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
+  ev.add_argument("--batch-size", type=_int_at_least(1), default=1,
+                  help="questions per generate call")
   ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
   aot = sub.add_parser(
@@ -152,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="v5p-8, v5p-64, v6e-64, v5litepod-16 or a libtpu name (v5p:2x4x4)")
   aot.add_argument("--batch", default="1",
                    help="rows per batch shard, or a comma-separated list (default: 1)")
-  aot.add_argument("--seq", type=int, default=4096, help="sequence length (default: 4096)")
-  aot.add_argument("--slices", type=int, default=7, help="slices per sample (default: 7)")
+  aot.add_argument("--seq", type=_int_at_least(1), default=4096,
+                   help="sequence length (default: 4096)")
+  aot.add_argument("--slices", type=_int_at_least(0), default=7,
+                   help="slices per sample (default: 7)")
   aot.add_argument("--attention", default=None,
                    help="LLM attention(s), comma-separated: xla, splash (default: the config's)")
   aot.add_argument("--jbu", action="store_true",
@@ -164,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
   """Options shared by `hiwin generate` and `hiwin eval`."""
   from hiwin_jax.data import slicing
+  from hiwin_jax.data.conversation import TEMPLATES
   from hiwin_jax.infer import requests
   p.add_argument("--checkpoint", required=True,
                  help="hiwin checkpoint folder (params/ + hiwin_config.json) or an official "
@@ -171,25 +231,44 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", required=True,
                  help="tokenizer folder (tokenizer.model + tokenizer_config.json), or 'bytes' "
                       "for the byte-level test tokenizer of tiny models")
-  p.add_argument("--dtype", default=None, help="parameter dtype when importing an official folder")
-  p.add_argument("--template", default=None,
+  p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES,
+                 help="parameter dtype when importing an official folder")
+  p.add_argument("--template", default=None, choices=sorted(TEMPLATES),
                  help="conversation template (default: the model's, vicuna_v1 for Vicuna, "
                       "qwen_1_5 for Qwen2)")
-  p.add_argument("--max-new-tokens", type=int, default=128)
-  p.add_argument("--num-beams", type=int, default=1)
-  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy / beam search")
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+  p.add_argument("--num-beams", type=_int_at_least(1), default=1)
+  p.add_argument("--temperature", default=0.0,
+                 type=_number_in(0.0, float("inf"), what="a number >= 0"),
+                 help="0: greedy / beam search")
+  p.add_argument("--top-p", default=1.0,
+                 type=_number_in(0.0, 1.0, lo_open=True, what="a number in (0, 1]"))
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
-  p.add_argument("--max-slice-nums", type=int, default=slicing.EVAL_MAX_SLICE_NUMS)
+  p.add_argument("--max-slice-nums", type=_int_at_least(1), default=slicing.EVAL_MAX_SLICE_NUMS)
 
 
 # --- handlers ---------------------------------------------------------------------------------
 
+def _require(path: str, flag: str, kind: str = "folder") -> pathlib.Path:
+  """`path` of an input flag, which must exist as a `kind` ("folder", "file" or "path")."""
+  p = pathlib.Path(path)
+  ok = {"folder": p.is_dir, "file": p.is_file, "path": p.exists}[kind]()
+  if not ok:
+    what = "file or folder" if kind == "path" else kind
+    raise UsageError(f"{flag} {path}: no such {what}" if not p.exists() else
+                     f"{flag} {path}: not a {what}")
+  return p
+
+
 def _convert(args, overrides) -> int:
   from hiwin_jax.convert import formats, llava_uhd
-  from hiwin_jax import config, weights
+  from hiwin_jax import outputs, weights
   official = args.format == "llava-uhd"
   section = "model" if official else formats.FORMATS[args.format].section
+  _require(args.input, "--input", "path" if args.direction == "import" else "folder")
+  kind = outputs.HIWIN_CHECKPOINT if args.direction == "import" else outputs.MODEL_FOLDER
+  # Refused before minutes of conversion, not after.
+  outputs.check_destination(args.output, kind, overwrite=args.overwrite, flag="--output")
   if args.direction == "import":
     if official:
       base = config.load_config(args.config, overrides).model
@@ -197,41 +276,77 @@ def _convert(args, overrides) -> int:
     else:
       cfg, params = formats.import_params(args.format, args.input, args.dtype)
     out = weights.write_params(args.output, params, {"format": args.format,
-                                                     section: cfg.to_dict()})
+                                                     section: cfg.to_dict()},
+                               overwrite=args.overwrite)
   else:
     params, saved = weights.read_params(args.input)
     if not saved or saved.get("format") != args.format:
-      raise SystemExit(f"{args.input}: not a hiwin {args.format} checkpoint "
+      raise UsageError(f"--input {args.input}: not a hiwin {args.format} checkpoint "
                        f"(its {weights.CONFIG_NAME} says format "
                        f"{saved and saved.get('format')!r})")
     if official:
       cfg = config.model_from_dict(saved[section])
-      out = llava_uhd.export_official(params, cfg, args.output, args.dtype or "bfloat16")
+      out = llava_uhd.export_official(params, cfg, args.output, args.dtype or "bfloat16",
+                                      overwrite=args.overwrite)
     else:
       cfg = formats.FORMATS[args.format].schema()
       cfg.update(saved[section])
-      out = formats.export_params(args.format, params, cfg, args.output, args.dtype)
+      out = formats.export_params(args.format, params, cfg, args.output, args.dtype,
+                                  overwrite=args.overwrite)
   logging.getLogger("hiwin").info("wrote %s", out)
   return 0
 
 
+def _check_train_inputs(cfg, stage: str) -> None:
+  """Every input the stage reads is named and exists, before anything is built."""
+  def need(key: str, kind: str, what: str, optional: bool = False):
+    section, field = key.split(".")
+    value = str(cfg[section][field])
+    if not value:
+      if optional:
+        return
+      raise UsageError(f"stage {stage} needs --config.{key}=... ({what})")
+    if not (key == "data.source" and value == "skimage"):
+      _require(value, f"--config.{key}", kind)
+
+  if stage == "vdim":
+    need("data.source", "folder", "a folder of images, or 'skimage'")
+    need("init.vision", "folder", "an HF CLIP folder", optional=True)
+    return
+  if cfg.data.format == "array_record":
+    need("data.array_record_dir", "folder", "the folder `hiwin data build` printed")
+  else:
+    need("data.json", "file", "the LLaVA-format training json")
+    need("data.image_folder", "folder", "the folder its image paths are relative to")
+  need("data.tokenizer", "folder", "the tokenizer folder with tokenizer.model")
+  need("init.checkpoint", "folder", "a hiwin checkpoint", optional=True)
+  need("init.vdim", "path", "a stage-0 run folder or VDIM .ckpt", optional=True)
+
+
 def _train(args, overrides) -> int:
-  from hiwin_jax import config
-  from hiwin_jax.parallel.distributed import init_distributed
-  from hiwin_jax.train import loop
+  from hiwin_jax import outputs
+  from hiwin_jax.parallel import distributed
+  if distributed.detect(os.environ).kind == "single":
+    # A folder another run holds is refused at once, before jax and the config load (nothing is
+    # created here; loop.claim takes the lock).
+    outputs.check_run_folder(args.out)
   cfg = config.load_config(args.config, overrides)
   stage = cfg.train.stage if "train" in cfg else None
   if stage not in STAGES:
-    raise SystemExit(f"hiwin train: config {args.config!r} names stage {stage!r} (train.stage); "
-                     f"expected one of {STAGES}: a stage config ({', '.join(STAGE_CONFIGS)})")
-  init_distributed()
-  if stage == "vdim":
-    from hiwin_jax.train.vdim import VdimTrainer
-    task = VdimTrainer(cfg)
-  else:
-    from hiwin_jax.train.trainer import LlavaTask
-    task = LlavaTask(cfg)
-  result = loop.run(task, args.out)
+    raise UsageError(f"--config {args.config}: names stage {stage!r} (train.stage); expected "
+                     f"one of {STAGES}: a stage config ({', '.join(STAGE_CONFIGS)})")
+  _check_train_inputs(cfg, stage)
+  distributed.init_distributed()
+  from hiwin_jax.train import loop
+  # The folder is claimed (one run at a time, writable) before the data and model are built.
+  with loop.claim(args.out) as out:
+    if stage == "vdim":
+      from hiwin_jax.train.vdim import VdimTrainer
+      task = VdimTrainer(cfg)
+    else:
+      from hiwin_jax.train.trainer import LlavaTask
+      task = LlavaTask(cfg)
+    result = loop.run(task, out)
   say = logging.getLogger("hiwin").info
   if result["stopped_at"] is not None:
     say("stopped at step %d with a checkpoint (rerun the same command to resume); outputs in %s",
@@ -306,6 +421,16 @@ def _answer(args, overrides) -> int:
   from hiwin_jax import weights
   from hiwin_jax.infer import evaluate, requests
   from hiwin_jax.infer.generate import GenerationConfig
+  _require(args.checkpoint, "--checkpoint")
+  if args.tokenizer != "bytes":
+    _require(args.tokenizer, "--tokenizer")
+  if args.command == "generate":
+    for path in args.image or ():
+      _require(path, "--image", "file")
+  else:
+    _require(args.questions, "--questions", "file")
+    if args.image_folder:
+      _require(args.image_folder, "--image-folder")
   tokenizer = evaluate.load_tokenizer(args.tokenizer)
   model, cfg_model = weights.load_model(args.checkpoint, args.config, overrides, args.dtype)
   if args.template is None:
@@ -323,7 +448,6 @@ def _aot(args, overrides) -> int:
   the chip's HBM, 1 if one does not."""
   import jax
 
-  from hiwin_jax import config
   from hiwin_jax.train import aot
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")  # the TPU here is abstract: never probe for one
@@ -338,14 +462,13 @@ def _aot(args, overrides) -> int:
   try:
     batches = [int(b) for b in args.batch.split(",")]
   except ValueError:
-    raise SystemExit(f"hiwin aot: error: --batch {args.batch!r} must be an integer or a "
-                     f"comma-separated list of integers") from None
+    raise UsageError(f"--batch {args.batch!r} must be an integer or a comma-separated list of "
+                     f"integers") from None
   cfg = config.load_config(args.config, overrides)
   attentions = args.attention.split(",") if args.attention else [cfg.model.llm.attention]
   from hiwin_jax.models.llama import ATTENTIONS
   if not set(attentions) <= set(ATTENTIONS):
-    raise SystemExit(f"hiwin aot: error: --attention {args.attention!r}: each must be one of "
-                     f"{ATTENTIONS}")
+    raise UsageError(f"--attention {args.attention!r}: each must be one of {ATTENTIONS}")
   results = []
   for attention in attentions:
     for batch in batches:
@@ -360,7 +483,10 @@ def _aot(args, overrides) -> int:
 
 
 def _data(args, overrides) -> int:
-  del overrides
+  if overrides:
+    raise UsageError(f"hiwin data takes no --config overrides (got {overrides[0]})")
+  _require(args.json, "--json", "file")
+  _require(args.images, "--images")
   from hiwin_jax.data import array_record, image
   out = array_record.build(args.json, args.images, args.out, overwrite=args.overwrite,
                            max_pixels=args.max_pixels or image.MAX_IMAGE_PIXELS,
@@ -378,29 +504,69 @@ def _demo(args, overrides) -> int:
   return demo.run(args.config, overrides, args.out)
 
 
+def _has_accelerator() -> bool:
+  """A TPU (Google's PCI vendor id, as JAX's own probe reads it) or GPU driver is present."""
+  for vendor in pathlib.Path("/sys/bus/pci/devices").glob("*/vendor"):
+    with contextlib.suppress(OSError):
+      if vendor.read_text().strip() == "0x1ae0":
+        return True
+  return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd"))
+
+
+def _quiet_start() -> None:
+  """Where libtpu is installed (the tpu-aot extra) on a machine without a TPU, JAX still starts
+  its TPU backend, and libtpu prints host-probing warnings on every command. Such a machine
+  computes on the CPU: name that platform, so the TPU backend is never started. An explicit
+  JAX_PLATFORMS, or any accelerator, leaves JAX to choose."""
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if _has_accelerator():
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # imported already (in-process callers): its config read the env
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def _one_line(e: BaseException) -> str:
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  return " ".join(str(text).split()) or type(e).__name__
+
+
 HANDLERS = {"demo": _demo, "train": _train, "convert": _convert, "data": _data,
             "generate": _answer, "eval": _answer, "aot": _aot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  _quiet_start()
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
+  debug = args.debug or os.environ.get("HIWIN_DEBUG", "") not in ("", "0")
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("jax", "absl", "orbax"):  # backend probing, checkpoint bookkeeping: not news
+  for noisy in ("jax", "orbax"):  # backend probing, checkpoint bookkeeping: not news
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from hiwin_jax.convert.safetensors_io import CheckpointError
-  from hiwin_jax.data.image import ImageError
-  from hiwin_jax.data.sources import DataFileError
-  from hiwin_jax.infer.evaluate import QuestionFileError
+  # Orbax logs each failure it then raises (with a traceback, from several threads); the
+  # handler reports what it raises, once.
+  logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.CRITICAL)
   try:
     return HANDLERS[args.command](args, overrides)
-  except (CheckpointError, ImageError, DataFileError, QuestionFileError, FileNotFoundError,
-          FileExistsError, KeyError) as e:
-    # Bad input the user can fix: one clear line, no traceback.
-    print(f"hiwin {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print(f"hiwin {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # every error ends here as one line, unless --debug
+    if debug:
+      raise
+    if isinstance(e, (ValueError, OSError, KeyError)):
+      # The project's errors for bad input are ValueErrors (config, checkpoint, image, data,
+      # request errors) and OSErrors (files and folders); KeyError: a key a file lacks.
+      print(f"hiwin {args.command}: error: {_one_line(e)}", file=sys.stderr)
+      return 2
+    print(f"hiwin {args.command}: internal error: {type(e).__name__}: {_one_line(e)} (rerun "
+          f"with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# The dtypes a config, a conversion or an export may name.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def resolve_model(model: ConfigDict) -> ConfigDict:
   if p.num_heads is None:
     p.num_heads = p.embed_dim // 128
   if p.num_heads < 1 or p.embed_dim % p.num_heads:
-    raise ValueError(f"model.projector: embed_dim {p.embed_dim} does not split into "
+    raise ConfigError(f"model.projector: embed_dim {p.embed_dim} does not split into "
                      f"num_heads {p.num_heads} heads (set model.projector.num_heads)")
   return model
 
@@ -306,20 +308,51 @@ def from_file(name: str) -> ConfigDict:
   return module.get_config()
 
 
-def _parse_value(text: str, current):
-  """Parses `text` as a Python literal, keeping the type of the value it replaces."""
+class ConfigError(ValueError):
+  """A config value that cannot work: the message names the field (or the `--config.` flag that
+  set it) and what is expected."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+  """An override names a field the config does not have."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
+_KIND = {bool: "True or False", int: "an integer", float: "a number", tuple: "a list like [a, b]",
+         list: "a list like [a, b]"}
+
+
+def _parse_value(text: str, current, flag: str):
+  """Parses `text` as a Python literal of the type of the value it replaces (`flag`, the override
+  as given, names it in errors)."""
+  if isinstance(current, ConfigDict):
+    raise ConfigError(f"{flag}: {flag.partition('=')[0]} is a section, not a value; set one of "
+                      f"its fields ({', '.join(sorted(current.keys())[:6])})")
   if isinstance(current, str):
     return text
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError) as e:
+  except (ValueError, SyntaxError):
     if current is None:
       return text
-    raise ValueError(f"cannot parse override value {text!r} as {type(current).__name__}") from e
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = {"true": True, "false": False}.get(text) if isinstance(current, bool) else None
+    if value is None:
+      raise ConfigError(f"{flag}: cannot parse {text!r} as "
+                        f"{_KIND.get(type(current), type(current).__name__)}") from None
+  kind = type(current)
+  ok = (current is None
+        or (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind in (tuple, list) and isinstance(value, (tuple, list))))
+  if not ok:
+    raise ConfigError(f"{flag}: expected {_KIND.get(kind, kind.__name__)}, got {text!r}")
+  if kind is float:
     value = float(value)
-  if isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
+  if kind in (tuple, list):
+    value = kind(value)
   return value
 
 
@@ -329,22 +362,168 @@ def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
   for item in overrides:
     key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
     if not sep:
-      raise ValueError(f"override {item!r} is not of the form --config.key=value")
+      raise ConfigError(f"override {item!r} is not of the form --config.key=value")
     *parents, leaf = key.split(".")
     node = cfg
     for i, part in enumerate(parents):
-      if part not in node:
-        raise KeyError(f"override {item!r}: no config key {'.'.join(parents[:i + 1])!r}")
+      if part not in node or not isinstance(node[part], ConfigDict):
+        raise UnknownKeyError(f"override {item!r}: no config section "
+                          f"{'.'.join(parents[:i + 1])!r}")
       node = node[part]
     if leaf not in node:
-      raise KeyError(f"override {item!r}: no config key {key!r}; keys here: {sorted(node.keys())}")
-    node[leaf] = _parse_value(text, node[leaf])
+      raise UnknownKeyError(f"override {item!r}: no config key {key!r}; keys here: "
+                        f"{sorted(node.keys())}")
+    node[leaf] = _parse_value(text, node[leaf], item)
+  return cfg
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _positive(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _one_of(*names):
+  return lambda v: v in names
+
+
+def _in_range(lo, hi, lo_open=False, hi_open=False):
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      return False
+    return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+  return check
+
+
+_POSITIVE = (_positive, "a positive integer")
+_NON_NEGATIVE = (_non_negative, "an integer >= 0")
+_POSITIVE_NUMBER = (_in_range(0, float("inf"), lo_open=True), "a number > 0")
+_NON_NEGATIVE_NUMBER = (_in_range(0, float("inf")), "a number >= 0")
+_DTYPE = (_one_of(*DTYPE_NAMES), f"one of {', '.join(DTYPE_NAMES)}")
+_BETA = (_in_range(0, 1, hi_open=True), "a number in [0, 1)")
+_MESH_AXIS = (lambda v: _positive(v) or v == -1, "a positive integer or -1 (the rest)")
+
+
+def _field_rules() -> list[tuple[str, tuple]]:
+  """(dotted field, (predicate, what is expected)) for every field a value can be meaningless
+  for; a field a config does not have is skipped. Names the models and data check themselves
+  (templates, remat policies, kernels) come from where they are defined."""
+  from hiwin_jax.data.conversation import TEMPLATES
+  from hiwin_jax.kernels.adaptive_conv import IMPLS
+  from hiwin_jax.models.layers import PRECISIONS, REMAT_POLICIES
+  rules = [(f"model.vision.{f}", _POSITIVE) for f in (
+      "image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads",
+      "mlp_dim")]
+  rules += [(f"model.llm.{f}", _POSITIVE) for f in (
+      "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+      "mlp_dim", "max_position_embeddings")]
+  rules += [(f"model.llm.{f}", _NON_NEGATIVE) for f in ("bos_token_id", "eos_token_id",
+                                                        "pad_token_id")]
+  rules += [
+      ("model.vision.layer_norm_eps", _POSITIVE_NUMBER),
+      ("model.vision.remat", (_one_of(*REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}")),
+      ("model.llm.remat", (_one_of(*REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}")),
+      ("model.llm.arch", (_one_of("llama", "qwen2"), "llama or qwen2")),
+      ("model.llm.attention", (_one_of("xla", "cudnn"), "xla or cudnn")),
+      ("model.llm.rms_norm_eps", _POSITIVE_NUMBER),
+      ("model.llm.rope_theta", _POSITIVE_NUMBER),
+      ("model.projector.grid_size", _POSITIVE),
+      ("model.projector.feature_scale_mask", (_one_of(*range(1, 8)), "an integer 1..7 (bits 1/2/4 "
+                                              "= levels 1x/2x/4x)")),
+      ("model.projector.layout", (_one_of("r1", "r2"), "r1 or r2")),
+      ("model.projector.jbu_scale", (_one_of(2, 4, 8), "2, 4 or 8")),
+      ("model.projector.conv_impl", (_one_of(*IMPLS), f"one of {', '.join(IMPLS)}")),
+      ("model.projector.attention", (_one_of("folded", "official"), "folded or official")),
+      ("model.precision.dtype", _DTYPE),
+      ("model.precision.param_dtype", _DTYPE),
+      ("model.precision.matmul_precision", (_one_of(*PRECISIONS),
+                                            f"one of {', '.join(PRECISIONS)}")),
+      ("model.max_length", _POSITIVE),
+      ("mesh.data", _MESH_AXIS), ("mesh.fsdp", _MESH_AXIS), ("mesh.tensor", _MESH_AXIS),
+      ("data.format", (_one_of("json", "array_record"), "json or array_record")),
+      ("data.template", (_one_of(*TEMPLATES), f"one of {', '.join(sorted(TEMPLATES))}")),
+      ("data.remainder", (_one_of("pad", "drop"), "pad or drop")),
+      ("data.workers", _NON_NEGATIVE), ("data.prefetch", _NON_NEGATIVE),
+      ("train.num_steps", (lambda v: _positive(v) or v == -1, "a positive integer, or -1 (the "
+                           "whole data)")),
+      ("train.log_every", _POSITIVE),
+      ("train.optimizer.lr", _POSITIVE_NUMBER),
+      ("train.optimizer.b1", _BETA), ("train.optimizer.b2", _BETA),
+      ("train.optimizer.eps", _POSITIVE_NUMBER),
+      ("train.optimizer.weight_decay", _NON_NEGATIVE_NUMBER),
+      ("train.optimizer.grad_clip", _NON_NEGATIVE_NUMBER),
+      ("train.optimizer.warmup_ratio", (_in_range(0, 1), "a number in [0, 1]")),
+      ("train.optimizer.clip_norm", _POSITIVE_NUMBER),
+      ("train.optimizer.clip_steps", _NON_NEGATIVE),
+      ("train.optimizer.momentum_decay", _NON_NEGATIVE_NUMBER),
+      ("train.vdim_loss.max_pad", _NON_NEGATIVE),
+      ("train.vdim_loss.max_zoom", (_in_range(1, float("inf")), "a number >= 1")),
+      ("train.vdim_loss.crf_weight", _NON_NEGATIVE_NUMBER),
+      ("checkpoint.every", _POSITIVE), ("checkpoint.keep", _POSITIVE),
+      ("export.dtype", _DTYPE),
+  ]
+  rules += [(f"data.{f}", _POSITIVE) for f in (
+      "max_slice_nums", "max_length", "seq_multiple", "global_batch_size", "grad_accum", "epochs",
+      "image_size")]
+  rules += [(f"train.vdim_loss.{f}", _POSITIVE) for f in (
+      "n_jitters", "projection_dim", "crf_samples")]
+  return rules
+
+
+def _get(cfg: ConfigDict, path: str):
+  node = cfg
+  for part in path.split("."):
+    if not isinstance(node, ConfigDict) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def validate(cfg: ConfigDict, name: str = "config", overrides: Sequence[str] = ()) -> ConfigDict:
+  """Refuses values that cannot work (0 or negative sizes, unknown names, ratios out of range,
+  shapes that do not divide), before anything is built; returns `cfg`. The error names the
+  `--config.` flag that set the value, or the field of config `name`."""
+  flags = {item.removeprefix("--").removeprefix("config.").partition("=")[0]: item
+           for item in overrides}
+
+  def fail(path: str, expected: str, value=_MISSING):
+    value = _get(cfg, path) if value is _MISSING else value
+    where = flags.get(path, f"config {name}: {path} = {value!r}")
+    raise ConfigError(f"{where}: expected {expected}")
+
+  for path, (check, expected) in _field_rules():
+    value = _get(cfg, path)
+    if value is not _MISSING and not check(value):
+      fail(path, expected)
+  for section in ("model.projector.embed_dim", "model.projector.kv_dim",
+                  "model.projector.num_heads"):
+    value = _get(cfg, section)
+    if value is not _MISSING and value is not None and not _positive(value):
+      fail(section, "a positive integer, or None (derived from the towers)")
+  if "model" in cfg:
+    v, llm = cfg.model.vision, cfg.model.llm
+    if v.image_size % v.patch_size:
+      fail("model.vision.image_size", f"a multiple of model.vision.patch_size ({v.patch_size})")
+    if v.hidden_size % v.num_heads:
+      fail("model.vision.num_heads", f"a divisor of model.vision.hidden_size ({v.hidden_size})")
+    if llm.num_heads % llm.num_kv_heads:
+      fail("model.llm.num_kv_heads", f"a divisor of model.llm.num_heads ({llm.num_heads})")
+  if "mesh" in cfg and [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+    fail("mesh.fsdp", "at most one of mesh.data, mesh.fsdp, mesh.tensor set to -1")
   return cfg
 
 
 def load_config(name: str, overrides: Sequence[str] = ()) -> ConfigDict:
-  """The finished config: `get_config()` of the file, the overrides, the derived fields."""
-  cfg = apply_overrides(from_file(name), overrides)
+  """The finished config: `get_config()` of the file, the overrides, validated, the derived
+  fields."""
+  cfg = validate(apply_overrides(from_file(name), overrides), name, overrides)
   if "model" in cfg:
     resolve_model(cfg.model)
   return cfg

@@ -403,7 +403,7 @@ def check_run_folder(folder: str | os.PathLike) -> pathlib.Path:
     raise OutputError(f"--out {folder}: folder is not empty and is not a hiwin run folder (holds "
                       f"{_shorten(names)}); choose a new or empty folder, or an earlier run's to "
                       f"resume it")
-  if LOCK_NAME in names:
+  if LOCK_NAME in names and folder not in _HELD:  # (a second open of our own lock conflicts)
     lock = RunLock(folder)
     try:
       fd = os.open(lock.path, os.O_RDONLY)

@@ -340,3 +340,11 @@ def test_cpu_commands_start_quietly_where_libtpu_is_installed(tmp_path):
            if any(w in line for w in ("TPU", "tpu", "InitGoogle", "E0000", "W0000", "absl"))]
   assert not noise, "\n".join(noise)
   assert (tmp_path / "ours" / "params").is_dir()
+
+
+def test_a_run_claimed_by_the_cli_is_not_refused_by_itself(tmp_path):
+  """`hiwin train` claims the folder, then `loop.run` claims it again in the same process."""
+  out = tmp_path / "run"
+  with loop.claim(out):
+    assert loop.run(CounterTask(), out)["stopped_at"] is None
+  assert final_w(out) == expected_w(6)
