@@ -61,8 +61,9 @@ IMAGE_WH = (1008, 672)
 CASES = ["jax_b1", "jax_b8", "torch_b1", "torch_b8"]
 
 
-def build(config: str, batch: int, prompt_tokens: int):
-  """(cfg, model, host batch) for `batch` copies of the 1008x672 request."""
+def build(config, batch: int, prompt_tokens: int):
+  """(cfg, model, host batch) for `batch` copies of the 1008x672 request; `config` is a config
+  name or a loaded config."""
   import numpy as np
   from flax import nnx
   from PIL import Image
@@ -72,7 +73,7 @@ def build(config: str, batch: int, prompt_tokens: int):
   from hiwin_jax.infer import requests as R
   from hiwin_jax.models.layers import Precision
   from hiwin_jax.models.llava_uhd import LlavaUHD
-  cfg = C.load_config(config)
+  cfg = C.load_config(config) if isinstance(config, str) else config
   model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   img = Image.fromarray(rng.integers(0, 256, (IMAGE_WH[1], IMAGE_WH[0], 3), dtype=np.uint8))

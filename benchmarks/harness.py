@@ -44,20 +44,27 @@ def report_child(name: str, result: dict) -> None:
   print(json.dumps({"name": name, **result}))
 
 
+def run_child(module: str, name: str, extra_args: list[str], env: dict[str, str] | None = None,
+              timeout: float | None = None) -> dict:
+  """Runs one case as `python -m <module> --child --only <name> ...` in a fresh process (its own
+  peak memory; nothing cached between cases), from the current directory (the repository root),
+  with `env` over this process's environment. A failure or a timeout becomes the row's `error`
+  (the last line of stderr), so one case never stops the others."""
+  cmd = [sys.executable, "-m", module, "--child", "--only", name, *extra_args]
+  failed = {"name": name, "seconds": None, "peak_mb": None}
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                         timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {**failed, "error": f"timed out after {timeout:.0f} s"}
+  if out.returncode:
+    return {**failed, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_children(module: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:
-  """Runs each case as `python -m <module> --child --only <name> ...` in a fresh process (its own
-  peak memory; nothing cached between cases), from the current directory (the repository root)."""
-  rows = {}
-  for name in names:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-m", module, "--child", "--only", name, *extra_args],
-                         capture_output=True, text=True, env=env)
-    if out.returncode:
-      rows[name] = {"name": name, "seconds": None, "peak_mb": None,
-                    "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-      continue
-    rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-  return rows
+  """`run_child` for each case, on the CPU."""
+  return {name: run_child(module, name, extra_args, {"JAX_PLATFORMS": "cpu"}) for name in names}
 
 
 def machine() -> str:
