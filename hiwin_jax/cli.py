@@ -461,9 +461,11 @@ def _aot(args, overrides) -> int:
     return 0
   try:
     batches = [int(b) for b in args.batch.split(",")]
+    if min(batches) < 1:
+      raise ValueError
   except ValueError:
-    raise UsageError(f"--batch {args.batch!r} must be an integer or a comma-separated list of "
-                     f"integers") from None
+    raise UsageError(f"--batch {args.batch!r} must be a positive integer or a comma-separated "
+                     f"list of them") from None
   cfg = config.load_config(args.config, overrides)
   attentions = args.attention.split(",") if args.attention else [cfg.model.llm.attention]
   from hiwin_jax.models.llama import ATTENTIONS
