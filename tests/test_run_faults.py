@@ -223,6 +223,35 @@ def test_a_save_into_a_folder_made_read_only_stops_the_run_and_resume_works(tmp_
   assert final_w(out) == expected_w(8)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 96 KiB file system (tmpfs): a few checkpoints fill it. Needs the right to mount."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+  try:
+    yield disk
+  finally:
+    # Lazily: the failed TensorBoard writer may still hold its file open.
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_full_disk_stops_the_run_naming_the_last_good_checkpoint(small_disk, async_save):
+  out = small_disk / "run"
+  t = time.monotonic()
+  with pytest.raises(loop.CheckpointSaveError) as e:
+    loop.run(CounterTask(num_steps=40, async_save=async_save), out)
+  assert time.monotonic() - t < 30
+  message = str(e.value)
+  assert "No space left on device" in message and "last good checkpoint is step" in message
+  good = int(message.split("last good checkpoint is step ")[1].split()[0])
+  outputs.verify_checksums(out / "checkpoints" / str(good))
+
+
 # --- corrupt checkpoints on resume ------------------------------------------------------------
 
 def flip_a_byte(path: pathlib.Path):

@@ -466,8 +466,12 @@ def _run(task: Task, out: pathlib.Path, stop_after: int | None) -> dict[str, Any
         last = row
         ran += 1
         if lead:
-          mf.write(json.dumps(row) + "\n")
-          mf.flush()
+          try:
+            mf.write(json.dumps(row) + "\n")
+            mf.flush()
+          except OSError as e:
+            raise OSError(e.errno, f"{metrics_path}: cannot append step {done}: {e.strerror}; "
+                          f"training stopped") from None
           if writer is not None:
             for k, v in row.items():
               if k != "step":
@@ -491,13 +495,14 @@ def _run(task: Task, out: pathlib.Path, stop_after: int | None) -> dict[str, Any
     saver.close()
     completed = True
   finally:
-    progress.close()
-    data.close()
-    if writer is not None:
-      writer.close()
-    if not completed:
-      # Unwinding from an error (a failed save, already reported): orbax would raise it again.
-      for close in (saver.close, mngr.close):
+    closers = [progress.close, data.close] + ([writer.close] if writer is not None else [])
+    if completed:
+      for close in closers:
+        close()
+    else:
+      # Unwinding from an error, which is the one to report: on a full disk the TensorBoard
+      # flush fails too, and orbax raises a failed save's error again.
+      for close in (*closers, saver.close, mngr.close):
         with contextlib.suppress(Exception):
           close()
   mngr.close()

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hiwin_jax import weights
+from hiwin_jax import outputs, weights
 from hiwin_jax.data.vdim_images import VdimBatches, VdimImages
 from hiwin_jax.models.clip_vit import ClipVisionTower
 from hiwin_jax.models.layers import Precision
@@ -198,7 +198,6 @@ class VdimTrainer:
         out / "final", {f"jbu.{k}": v for k, v in weights.model_params(stack).items()},
         {"format": "vdim", "model": self.cfg.model.to_dict()}, overwrite=True)
     if self.cfg.export.official and jax.process_index() == 0:
-      from hiwin_jax import outputs
       from hiwin_jax.convert import formats, vdim
       with outputs.atomic_folder(out / "official", outputs.MODEL_FOLDER, overwrite=True) as tmp:
         vdim.write_vdim_ckpt(tmp / "vdim.ckpt",
