@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,8 +115,9 @@ def accuracy_bars(path: str | os.PathLike, scores: Mapping[str, Mapping[str, Any
   n = scores[models[0]]
   ax.set_xticks(x, [f"{g}\n({value(models[0], g, 'n')} questions)" for g in groups])
   ax.set_ylabel("held-out accuracy (%)")
-  ax.set_ylim(0, 108)
-  ax.legend(loc="upper left", fontsize=8, ncols=len(models) + 1)
+  ax.set_ylim(0, 122)  # room above the 100% bars for their labels and the legend
+  ax.set_yticks(range(0, 101, 20))
+  ax.legend(loc="upper center", fontsize=8, ncols=len(models) + 1, frameon=False)
   ax.grid(axis="y", alpha=0.3)
   ax.set_title(title or f"held-out accuracy ({n['n']} questions)")
   return _save(fig, path)
@@ -156,13 +158,14 @@ def examples_grid(path: str | os.PathLike, examples: Sequence[Mapping[str, Any]]
       ax.set_yticks([])
     text = axes["text"]
     text.axis("off")
-    lines = [(ex["question"], "black"), (f"truth: {ex['truth']}", "black")]
+    lines = [(line, "black") for line in textwrap.wrap(ex["question"], 42)]
+    lines.append((f"truth: {ex['truth']}", "black"))
     for model, answer in ex["answers"].items():
       right = ex["right"][model]
       lines.append((f"{model}: {answer!r} ({'right' if right else 'wrong'})",
                     "#2ca02c" if right else "#d62728"))
     for i, (line, colour) in enumerate(lines):
-      text.text(0.0, 1.0 - 0.2 * i, line, color=colour, fontsize=7, va="top", wrap=True,
+      text.text(0.0, 1.0 - 0.17 * i, line, color=colour, fontsize=7, va="top",
                 transform=text.transAxes)
   if title:
     fig.suptitle(title)
