@@ -69,13 +69,15 @@ def _number_in(lo: float, hi: float, *, lo_open: bool = False, what: str):
   return parse
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str, kind: str) -> None:
-  """`kind`: "model" or "stage", the configs that make sense for the subcommand."""
+def _add_config_args(p: argparse.ArgumentParser, default: str, kind: str,
+                     note: str = "") -> None:
+  """`kind`: "model" or "stage", the configs that make sense for the subcommand; `note`: what
+  else the help must say about them."""
   names = MODEL_CONFIGS if kind == "model" else STAGE_CONFIGS
   p.add_argument("--config", default=default,
                  help=f"a config name in configs/ or a path to a config file (default: "
-                      f"{default}); {kind} configs: {', '.join(names)}; override any field "
-                      f"with --config.a.b=value")
+                      f"{default}); {kind} configs: {', '.join(names)}{note}; override any "
+                      f"field with --config.a.b=value")
 
 
 def _module_doc(name: str) -> str:
@@ -110,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
       "demo", help="offline end-to-end run: a tiny LLaVA-UHD v2 trained on CPU (no downloads)",
       description=_module_doc("hiwin_jax.demo"),
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  _add_config_args(demo, "tiny", "model")
+  _add_config_args(demo, "tiny", "model",
+                   note=" (only tiny is CPU-sized); its stages run the stage configs "
+                        "vdim_stage0_tiny, tiny_stage1 and tiny_stage2 with the demo's settings; "
+                        "overrides reach the model and the stage-1/2 configs")
   demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
 
   train = sub.add_parser(
@@ -167,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
       "generate", help="answer a question about one or more images",
       description="Loads a LLaVA-UHD v2 checkpoint and answers --prompt about each --image with the "
                   "official evaluation prompt (vicuna_v1, '<image>\\n' + question, eval "
-                  "pre-resize, max_slice_nums 9); streams the answer to stdout.")
+                  "pre-resize and max_slice_nums 9 unless --no-pre-resize / --max-slice-nums say "
+                  "otherwise); streams the answer to stdout.")
   _add_model_args(gen)
   _add_config_args(gen, "vicuna7b", "model")
   gen.add_argument("--image", action="append", default=None,
@@ -244,7 +250,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--top-p", default=1.0,
                  type=_number_in(0.0, 1.0, lo_open=True, what="a number in (0, 1]"))
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
-  p.add_argument("--max-slice-nums", type=_int_at_least(1), default=slicing.EVAL_MAX_SLICE_NUMS)
+  p.add_argument("--max-slice-nums", type=_int_at_least(1), default=slicing.EVAL_MAX_SLICE_NUMS,
+                 help=f"at most this many slices per image (default: "
+                      f"{slicing.EVAL_MAX_SLICE_NUMS}, the official evaluation; training uses "
+                      f"{slicing.TRAIN_MAX_SLICE_NUMS}; 1: the overview only)")
+  p.add_argument("--no-pre-resize", dest="pre_resize", action="store_false",
+                 help="slice the images as they are, without the official evaluation "
+                      "pre-resize (longer side to 1024 px, 1536 for TextVQA); `hiwin demo` "
+                      "evaluates this way")
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -367,7 +380,7 @@ def _generate(args, model, cfg_model, tokenizer, gen) -> int:
     prepared = [requests.prepare(
         args.prompt, image.load_image(path) if path else None, tokenizer, cfg_model,
         template=args.template, image_folder=str(pathlib.Path(path).parent) if path else "",
-        max_slice_nums=args.max_slice_nums,
+        max_slice_nums=args.max_slice_nums, pre_resize=args.pre_resize,
         max_context=int(cfg_model.llm.max_position_embeddings), reserve=gen.max_new_tokens)
         for path in paths]
   except requests.RequestError as e:
@@ -401,6 +414,7 @@ def _eval(args, model, cfg_model, tokenizer, gen) -> int:
   from hiwin_jax.infer import evaluate
   log = logging.getLogger("hiwin.eval")
   settings = evaluate.EvalSettings(template=args.template, max_slice_nums=args.max_slice_nums,
+                                   pre_resize=args.pre_resize,
                                    batch_size=args.batch_size,
                                    model_id=pathlib.Path(args.checkpoint).name or "hiwin")
   counts = evaluate.answer_questions(model, tokenizer, cfg_model, args.questions,

@@ -206,10 +206,15 @@ def vdim_data_config() -> ConfigDict:
 
 def adamw_config() -> ConfigDict:
   """AdamW after global-norm clipping with linear warm-up and cosine decay: HF Trainer's
-  `adamw_torch` defaults as LLaVA's scripts use them (official-spec §7)."""
+  `adamw_torch` defaults as LLaVA's scripts use them (official-spec §7).
+
+  `projector_lr` / `vision_lr`: peak learning rates of the projector (`projector/*` and the
+  JBU, `jbu/*`) and of the ViT (`vision/*`), LLaVA's `mm_projector_lr` and
+  `mm_vision_tower_lr`; 0 = `lr` (the official LLaVA-UHD v2 recipe: one rate). They follow
+  `lr`'s schedule."""
   return ConfigDict(dict(
       name="adamw", lr=2e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, b1=0.9,
-      b2=0.999, eps=1e-8, grad_clip=1.0))
+      b2=0.999, eps=1e-8, grad_clip=1.0, projector_lr=0.0, vision_lr=0.0))
 
 
 def nadam_config() -> ConfigDict:

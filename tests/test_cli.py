@@ -33,6 +33,20 @@ def test_demo_help_is_the_demo_modules_own_description(capsys):
   text = capsys.readouterr().out
   assert demo.__doc__.splitlines()[0] in text
   assert "stage 0" in text and "held-out accuracy" in text
+  flat = " ".join(text.split())
+  assert "vdim_stage0_tiny, tiny_stage1 and tiny_stage2" in flat, flat
+
+
+@pytest.mark.parametrize("sub", ["eval", "generate"])
+def test_eval_flags_reproduce_the_demos_evaluation_settings(sub):
+  """The demo scores without the pre-resize and at its own slice counts (demo.eval_command)."""
+  common = ["--checkpoint", "c", "--tokenizer", "t"]
+  rest = (["--questions", "q", "--answers", "a"] if sub == "eval" else ["--prompt", "p"])
+  args = cli.build_parser().parse_args([sub, *common, *rest])
+  assert args.pre_resize and args.max_slice_nums == 9  # the official evaluation
+  args = cli.build_parser().parse_args([sub, *common, *rest, "--no-pre-resize",
+                                        "--max-slice-nums", "7"])
+  assert not args.pre_resize and args.max_slice_nums == 7
 
 
 def test_the_cli_config_lists_match_the_configs_folder():

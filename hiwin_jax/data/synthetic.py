@@ -1,17 +1,25 @@
-"""The offline demo's synthetic task: small coloured marks in large images, and its tokenizer.
+"""The offline demo's synthetic task: a coloured area whose fine pattern only the slices show.
 
-Every image has one size (default 672x336, which `slicing.plan_slices(672, 336, 7)` cuts into
-two 336x336 slices, exact crops of the image, plus a 462x224 overview), a light grey textured
-background (grey shapes, or a lightened grayscale scikit-image photo) and ONE small coloured mark
-(a square or disc of 16-28 px, a few % of the image side) lying entirely in the left or the
-right half. Two questions are asked about it:
+Every image is 2S x 2S by default (S = `scale_resolution`, the ViT's input side):
+`slicing.plan_slices` cuts it into a 2 x 2 grid of S x S slices, exact crops of the image at full
+resolution, plus an S x S overview, the whole image at half scale. On a colourless background
+lies ONE rectangular area covering a third to a half of the image, filled with a fine two-colour
+pattern: one-pixel lines of a colour alternating with white, running across (horizontal) or down
+(vertical), or a one-pixel checkerboard (checked). Two questions are asked about it:
 
-  colour  "What colour is the small mark?"                -> red | green | blue | yellow (25%)
-  side    "Which side of the image is the small mark on?" -> left | right              (50%)
+  colour   "What colour is the patterned area?"   -> red | green | blue | yellow            (25%)
+  pattern  "Is the area's fine pattern horizontal, vertical or checked?"
+                                                  -> horizontal | vertical | checked        (33%)
 
-The background is colourless, so the colour answer is only in the mark's pixels; the side
-answer says which slice holds the mark. In the overview the mark shrinks to 11-19 px, about one
-ViT patch.
+Why only the slices can answer the pattern question: the pattern's period is 2 image pixels. A
+slice shows it pixel for pixel (one line per pixel, 7 periods per 14 px ViT patch); the overview
+has one pixel per 2 x 2 image pixels, so the period is one overview pixel, below its sampling
+limit (2 pixels per period), and the antialiased resize averages every pattern to the same flat
+tint, the average of the colour and white. The pattern's contrast fades in over the area's outer
+`TAPER` pixels, so not even the area's border tells the patterns apart in the overview. The
+colour survives in the tint: the colour question is the control that an overview-only model
+(the low-resolution baseline) can answer. `pattern_geometry` computes these scales from the
+slicer; tests/test_synthetic.py checks the overviews of the three patterns against each other.
 
 `write_task` writes the images and LLaVA-format files:
   images/train_00000.png ...   the training images (stage 1 and stage 2 use the same ones)
@@ -22,14 +30,14 @@ ViT patch.
   sft.json        stage 2, `vicuna_v1` template: both questions about the image in random order,
                   two rounds: human "<image>\\n" + question, gpt answer, human question, gpt answer
   warmup.json     text only, `vicuna_v1`: sft.json's conversations with the image replaced by a
-                  caption of it ("A small red mark on the left side.\\n" + question, ...): a
+                  caption of it ("A red area with a fine checked pattern.\\n" + question, ...): a
                   text warm-up that teaches a from-scratch LLM the answer format and to take the
                   answer from its context (what a pretrained LLM brings to LLaVA's stage 2)
   eval.jsonl      LLaVA question file, two lines per held-out image: {"question_id", "image",
                   "text" (the question without "<image>"; LLaVA's model_vqa prepends
-                  "<image>\\n"), "category" ("colour" | "side"), "answer"}
-  marks.json      {image: {"colour", "side", "shape", "box": [left, top, right, bottom)}}, the
-                  ground truth of every image (right/bottom exclusive, PIL's crop convention)
+                  "<image>\\n"), "category" ("colour" | "pattern"), "answer"}
+  areas.json      {image: {"colour", "pattern", "box": [left, top, right, bottom)}}, the ground
+                  truth of every image (right/bottom exclusive, PIL's crop convention)
 `image` fields are relative to `images/` (LLaVA's --image_folder). Everything is a function of
 `seed`: the same call writes byte-identical files.
 
@@ -48,6 +56,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -60,22 +69,24 @@ from hiwin_jax.data import conversation as conv
 from hiwin_jax.data import slicing
 from hiwin_jax.data.tokenizer import IMAGE_TOKEN, LlamaSpmTokenizer
 
-DEFAULT_IMAGE_SIZE = (672, 336)  # (width, height): two 336x336 slices + a 462x224 overview
-DEFAULT_MARK_SIZE = (16, 28)     # inclusive range of the mark's side in pixels
+# Ink colours: odd channels, so that the tint (ink + white) / 2 is a whole RGB value.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 80, 230), "yellow": (240, 205, 20)}
-SIDES = ("left", "right")
-SHAPES = ("square", "disc")
-QUESTIONS = {"colour": "What colour is the small mark?",
-             "side": "Which side of the image is the small mark on?"}
-ANSWERS: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "side": SIDES}
-CAPTIONS = ("A small {colour} mark on the {side} side.",
-            "There is a small {colour} mark on the {side}.",
-            "A {colour} mark, {side} side.")
-BACKGROUNDS = ("shapes", "photo", "plain")
+    "red": (215, 25, 25), "green": (25, 155, 45), "blue": (25, 75, 225), "yellow": (235, 195, 15)}
+PAPER = (255, 255, 255)  # the lines between the ink lines
+PATTERNS = ("horizontal", "vertical", "checked")
+QUESTIONS = {"colour": "What colour is the patterned area?",
+             "pattern": "Is the area's fine pattern horizontal, vertical or checked?"}
+DETAIL_CATEGORIES = ("pattern",)  # the questions only the slices can answer
+ANSWERS: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "pattern": PATTERNS}
+CAPTIONS = ("A {colour} area with a fine {pattern} pattern.",
+            "There is a {colour} area; its fine pattern is {pattern}.",
+            "A {colour} area, {pattern}.")
+BACKGROUNDS = ("plain", "shapes", "photo")
+DEFAULT_AREA = (1 / 3, 1 / 2)  # the area's share of the image, drawn uniformly in this range
+PATTERN_PERIOD = 2  # image pixels: one ink line, one white line
+TAPER = 12  # px: the pattern's contrast rises from 0 at the area's edge to full this far inside
 # Grayscale-able photos bundled with scikit-image (no download).
 _PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
-_MARGIN = 6  # px between the mark and the image border / the vertical centre line
 
 # Split streams of one seed: images of a split never depend on the other split's size.
 _TRAIN, _EVAL = 0, 1
@@ -83,11 +94,10 @@ TOKENIZER_VOCAB_SIZE = 512
 
 
 @dataclasses.dataclass(frozen=True)
-class Mark:
+class Area:
   """The ground truth of one image. box: (left, top, right, bottom), right/bottom exclusive."""
   colour: str
-  side: str
-  shape: str
+  pattern: str
   box: tuple[int, int, int, int]
 
 
@@ -95,7 +105,7 @@ class Mark:
 class SyntheticTask:
   """Paths written by `write_task` and what the task asks.
 
-  answers: category -> the possible answers ("colour": 4 colours, "side": left/right).
+  answers: category -> the possible answers ("colour": 4 colours, "pattern": 3 patterns).
   grid: the (cols, rows) slice grid of every image at max_slice_nums=7 (None = not sliced).
   """
   folder: pathlib.Path
@@ -104,7 +114,7 @@ class SyntheticTask:
   sft_json: pathlib.Path
   warmup_json: pathlib.Path
   eval_jsonl: pathlib.Path
-  marks_json: pathlib.Path
+  areas_json: pathlib.Path
   answers: dict[str, tuple[str, ...]]
   image_size: tuple[int, int]
   grid: tuple[int, int] | None
@@ -119,6 +129,10 @@ class SyntheticTask:
   def eval_records(self) -> list[dict[str, Any]]:
     """The lines of eval.jsonl."""
     return read_eval_records(self.eval_jsonl)
+
+  def areas(self) -> dict[str, dict[str, Any]]:
+    """areas.json: image file -> {"colour", "pattern", "box"}."""
+    return json.loads(self.areas_json.read_text(encoding="utf-8"))
 
   def texts(self) -> list[str]:
     """Every text the model will see: rendered stage-1 and stage-2 prompts, eval questions.
@@ -137,6 +151,40 @@ class SyntheticTask:
         out.append(vicuna.render(messages))
     out.extend(record["text"] for record in self.eval_records())
     return out
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+def default_image_size(scale_resolution: int = slicing.SCALE_RESOLUTION) -> tuple[int, int]:
+  """2S x 2S: a 2 x 2 grid of S x S slices (exact crops) and an S x S overview at half scale."""
+  return 2 * scale_resolution, 2 * scale_resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternGeometry:
+  """The pattern as the model sees it (from the slicer's plan for the image size).
+
+  overview_scale / slice_scale: model-input pixels per image pixel in the overview and in the
+  slices (slice_scale None: not sliced). *_period: the pattern's period (2 image pixels) in
+  those pixels; a period under 2 pixels is beyond the sampling limit (it cannot be shown).
+  """
+  overview_scale: float
+  slice_scale: float | None
+  overview_period: float
+  slice_period: float | None
+
+
+def pattern_geometry(image_size: Sequence[int],
+                     scale_resolution: int = slicing.SCALE_RESOLUTION) -> PatternGeometry:
+  """The scales of the overview and of the slices for an image of `image_size` (the smaller
+  of the two axes' scales: a line shrinks at least that much) and the pattern's period there."""
+  width, height = (int(v) for v in image_size)
+  plan = slicing.plan_slices(width, height, slicing.TRAIN_MAX_SLICE_NUMS, scale_resolution)
+  ov = min(plan.overview_size[0] / width, plan.overview_size[1] / height)
+  sl = (None if plan.refine_size is None
+        else min(plan.refine_size[0] / width, plan.refine_size[1] / height))
+  return PatternGeometry(ov, sl, PATTERN_PERIOD * ov, None if sl is None else PATTERN_PERIOD * sl)
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -159,12 +207,12 @@ def _resize_gray(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: tuple[int, int], kind: str) -> np.ndarray:
-  """A light, colourless, textured background: uint8 [H, W], about 120..250.
+  """A light, colourless background: uint8 [H, W], about 120..250.
 
-  "shapes": overlapping grey rectangles, ellipses and lines (larger than a mark) on a flat grey;
-  flat regions keep the PNGs at a few kB. "photo": a lightened grayscale crop of a
-  scikit-image photo (~60-90 kB per PNG). "plain": one random grey level (the mark is the only
-  structure: the easiest variant, for models trained from scratch in minutes).
+  "plain": one random grey level (the area is the only structure: the easiest variant, for
+  models trained from scratch in minutes). "shapes": overlapping grey rectangles, ellipses and
+  lines on a flat grey; flat regions keep the PNGs small. "photo": a lightened grayscale crop
+  of a scikit-image photo (~60-90 kB per 672 px PNG).
   """
   width, height = size
   if kind == "plain":
@@ -181,10 +229,11 @@ def _background(rng: np.random.Generator, size: tuple[int, int], kind: str) -> n
   base = int(rng.integers(190, 221))
   image = Image.new("L", size, base)
   draw = ImageDraw.Draw(image)
+  unit = max(width, height) / 672  # shapes scale with the image
   for _ in range(int(rng.integers(10, 18))):
     kind_of_shape = int(rng.integers(3))
-    x, y = int(rng.integers(-40, width)), int(rng.integers(-40, height))
-    w, h = int(rng.integers(40, 220)), int(rng.integers(40, 160))
+    x, y = int(rng.integers(-40 * unit, width)), int(rng.integers(-40 * unit, height))
+    w, h = int(rng.integers(40, 220) * unit), int(rng.integers(40, 160) * unit)
     shade = int(np.clip(base + rng.integers(-40, 30), 120, 250))
     if kind_of_shape == 0:
       draw.rectangle((x, y, x + w, y + h), fill=shade)
@@ -196,55 +245,80 @@ def _background(rng: np.random.Generator, size: tuple[int, int], kind: str) -> n
   return np.asarray(image)
 
 
-def _place_mark(rng: np.random.Generator, size: tuple[int, int], side: str,
-                mark_size: tuple[int, int]) -> tuple[int, int, int, int]:
-  """A box of side in [mark_size] entirely inside the `side` half, _MARGIN px from its edges."""
+def _place_area(rng: np.random.Generator, size: tuple[int, int],
+                area: tuple[float, float]) -> tuple[int, int, int, int]:
+  """A box covering a share in [area] of the image, aspect ratio 2:3 to 3:2, anywhere inside."""
   width, height = size
-  side_px = int(rng.integers(mark_size[0], mark_size[1] + 1))
-  half = width // 2
-  lo = _MARGIN if side == "left" else half + _MARGIN
-  hi = half - _MARGIN - side_px if side == "left" else width - _MARGIN - side_px
-  x = int(rng.integers(lo, hi + 1))
-  y = int(rng.integers(_MARGIN, height - _MARGIN - side_px + 1))
-  return x, y, x + side_px, y + side_px
+  share = rng.uniform(*area) * width * height
+  aspect = math.exp(rng.uniform(math.log(2 / 3), math.log(3 / 2)))
+  w = min(width, max(1, round(math.sqrt(share * aspect))))
+  h = min(height, max(1, round(share / w)))
+  x, y = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
+  return x, y, x + w, y + h
 
 
-def render_image(rng: np.random.Generator, colour: str, side: str,
-                 image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                 mark_size: tuple[int, int] = DEFAULT_MARK_SIZE,
-                 background: str = "shapes", marks: int = 1) -> tuple[Image.Image, Mark]:
-  """One RGB image with `marks` small marks of one `colour` in its `side` half, and the first
-  mark's ground truth (the others have the same colour, side and shape; they may overlap).
+def pattern_lines(pattern: str, box: Sequence[int]) -> np.ndarray:
+  """bool [h, w] over `box` (left, top, right, bottom): True on the ink pixels.
 
-  The marks are drawn in the exact RGB of COLOURS[colour] without antialiasing, so their pixels
-  can be found again by equality.
-  """
+  The lines follow the image's own pixel grid (ink on even rows, even columns, or even x + y),
+  so every slice, whose crop starts on an even pixel, shows the pattern in the same phase."""
+  left, top, right, bottom = box
+  y, x = np.mgrid[top:bottom, left:right]
+  if pattern == "horizontal":
+    return y % 2 == 0
+  if pattern == "vertical":
+    return x % 2 == 0
+  if pattern == "checked":
+    return (x + y) % 2 == 0
+  raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+
+
+def _taper(box: Sequence[int]) -> np.ndarray:
+  """float [h, w] in (0, 1]: the pattern's contrast, rising linearly over the outer TAPER px of
+  each side (from the box's edge to the pixel centre; the two axes' ramps multiply)."""
+  left, top, right, bottom = box
+  y, x = np.mgrid[top:bottom, left:right] + 0.5
+
+  def ramp(a, lo, hi):
+    return np.minimum(np.minimum(a - lo, hi - a) / TAPER, 1.0)
+
+  return ramp(x, left, right) * ramp(y, top, bottom)
+
+
+def render_image(rng: np.random.Generator, colour: str, pattern: str,
+                 image_size: tuple[int, int], area: tuple[float, float] = DEFAULT_AREA,
+                 background: str = "plain", box: Sequence[int] | None = None
+                 ) -> tuple[Image.Image, Area]:
+  """One RGB image with one `colour` area of the fine `pattern`, and its ground truth.
+
+  Each area pixel is tint + contrast * (ink or paper - tint), tint = (ink + paper) / 2, so a
+  full-contrast pixel is exactly COLOURS[colour] or PAPER. `box`: the area's place (default:
+  drawn from `rng`, covering a share in `area` of the image)."""
   gray = _background(rng, image_size, background)
-  image = Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB")
-  boxes = [_place_mark(rng, image_size, side, mark_size) for _ in range(marks)]
-  shape = SHAPES[int(rng.integers(len(SHAPES)))]
-  draw = ImageDraw.Draw(image)
-  for box in boxes[::-1]:  # the first mark drawn last: its box is entirely its colour
-    corners = (box[0], box[1], box[2] - 1, box[3] - 1)  # ImageDraw boxes are inclusive
-    if shape == "square":
-      draw.rectangle(corners, fill=COLOURS[colour])
-    else:
-      draw.ellipse(corners, fill=COLOURS[colour])
-  return image, Mark(colour, side, shape, boxes[0])
+  pixels = np.repeat(gray[..., None], 3, axis=2)
+  box = tuple(int(v) for v in box) if box is not None else _place_area(rng, image_size, area)
+  ink, paper = np.asarray(COLOURS[colour], np.float64), np.asarray(PAPER, np.float64)
+  tint, half = (ink + paper) / 2, (ink - paper) / 2
+  sign = np.where(pattern_lines(pattern, box), 1.0, -1.0)
+  values = tint + (_taper(box) * sign)[..., None] * half
+  left, top, right, bottom = box
+  pixels[top:bottom, left:right] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+  return Image.fromarray(pixels, mode="RGB"), Area(colour, pattern, box)
 
 
 def balanced_labels(n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-  """n (colour, side) pairs in random order: every colour and every side within one of n/4 and
-  n/2 times, each of the 8 pairs exactly n/8 times when 8 divides n."""
-  colours, n_colours = tuple(COLOURS), len(COLOURS)
-  # k -> colour (k + k // 4) % 4, side k % 2: any 4 consecutive k cover the 4 colours and both
-  # sides twice, any 8 cover the 8 pairs once.
-  pairs = [(colours[(k + k // n_colours) % n_colours], SIDES[k % 2]) for k in range(n)]
+  """n (colour, pattern) pairs in random order: every colour within one of n/4 times, every
+  pattern within one of n/3 times, each of the 12 pairs exactly n/12 times when 12 divides n."""
+  colours = tuple(COLOURS)
+  # k -> colour k % 4, pattern k % 3 (4 and 3 are coprime): any 4 consecutive k cover the 4
+  # colours, any 3 the 3 patterns, any 12 the 12 pairs.
+  pairs = [(colours[k % len(colours)], PATTERNS[k % len(PATTERNS)]) for k in range(n)]
   return [pairs[i] for i in rng.permutation(n)]
 
 
-def _caption(rng: np.random.Generator, mark: Mark) -> str:
-  return CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(colour=mark.colour, side=mark.side)
+def _caption(rng: np.random.Generator, area: Area) -> str:
+  return CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(colour=area.colour,
+                                                           pattern=area.pattern)
 
 
 def _write_png(image: Image.Image, path: pathlib.Path) -> None:
@@ -252,29 +326,27 @@ def _write_png(image: Image.Image, path: pathlib.Path) -> None:
   image.save(path, format="PNG", compress_level=1)
 
 
-def _check_args(n_train: int, n_eval: int, image_size: Sequence[int],
-                mark_size: Sequence[int], background: str) -> tuple[tuple[int, int],
-                                                                   tuple[int, int]]:
+def _check_args(n_train: int, n_eval: int, size: tuple[int, int], area: Sequence[float],
+                background: str) -> tuple[float, float]:
   if n_train < 0 or n_eval < 0:
     raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
   if background not in BACKGROUNDS:
     raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
-  width, height = (int(v) for v in image_size)
-  lo, hi = (int(v) for v in mark_size)
-  if not 1 <= lo <= hi:
-    raise ValueError(f"mark_size must be (min, max) with 1 <= min <= max, got {tuple(mark_size)}")
-  if width // 2 < hi + 2 * _MARGIN or height < hi + 2 * _MARGIN:
-    raise ValueError(f"image_size {width}x{height} is too small for marks of up to {hi} px: each "
-                     f"half must hold the mark plus {_MARGIN} px on both sides")
-  return (width, height), (lo, hi)
+  lo, hi = (float(v) for v in area)
+  if not 0 < lo <= hi <= 1:
+    raise ValueError(f"area must be (min, max) shares of the image with 0 < min <= max <= 1, "
+                     f"got {tuple(area)}")
+  if min(size) < 4 * TAPER:
+    raise ValueError(f"image_size {size[0]}x{size[1]} is too small: an area must be wider than "
+                     f"the {TAPER} px contrast ramp on both sides")
+  return lo, hi
 
 
-def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
-               image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
-               mark_size: Sequence[int] = DEFAULT_MARK_SIZE,
-               background: str = "shapes",
+def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int, *,
                scale_resolution: int = slicing.SCALE_RESOLUTION,
-               n_marks: int = 1) -> SyntheticTask:
+               image_size: Sequence[int] | None = None,
+               area: Sequence[float] = DEFAULT_AREA,
+               background: str = "plain") -> SyntheticTask:
   """Writes the task's images and LLaVA json files into `folder` (see the module docstring).
 
   Args:
@@ -283,39 +355,36 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
       warm-up copy each).
     n_eval: held-out images (two eval.jsonl questions each).
     seed: everything written is a function of it.
-    image_size: (width, height) of every image; one size means one compiled program per stage.
-    mark_size: (min, max) side of the mark in pixels.
-    background: "shapes" (grey shapes on grey, a few kB per PNG) or "photo" (lightened
-      grayscale scikit-image photo crops, ~60-90 kB per PNG).
-    scale_resolution: the model's ViT input side (the slicer's unit; only `grid` depends on it).
-    n_marks: small marks per image, all of the answer's colour and side (more marks: more image
-      tokens carry the answer, an easier task for a model trained from scratch).
+    scale_resolution: the model's ViT input side (the slicer's unit).
+    image_size: (width, height) of every image (default `default_image_size`: the geometry the
+      module docstring describes); one size means one compiled program per stage.
+    area: (min, max) share of the image the patterned area covers.
+    background: "plain" (one grey level), "shapes" or "photo".
   Returns:
     The paths, the answer set per category and the slice grid of the image size.
   """
-  size, marks_range = _check_args(n_train, n_eval, image_size, mark_size, background)
+  size = tuple(int(v) for v in (image_size or default_image_size(scale_resolution)))
+  area = _check_args(n_train, n_eval, size, area, background)
   folder = pathlib.Path(folder)
   image_folder = folder / "images"
   image_folder.mkdir(parents=True, exist_ok=True)
   plan = slicing.plan_slices(*size, slicing.TRAIN_MAX_SLICE_NUMS, scale_resolution)
 
-  pretrain, sft, warmup, eval_records, marks = [], [], [], [], {}
+  pretrain, sft, warmup, eval_records, areas = [], [], [], [], {}
   for split, prefix, n in ((_TRAIN, "train", n_train), (_EVAL, "eval", n_eval)):
     labels = balanced_labels(n, np.random.default_rng([seed, split]))
-    for i, (colour, side) in enumerate(labels):
+    for i, (colour, pattern) in enumerate(labels):
       rng = np.random.default_rng([seed, split, i])
-      image, mark = render_image(rng, colour, side, size, marks_range, background,
-                                 n_marks)
+      image, truth_area = render_image(rng, colour, pattern, size, area, background)
       name = f"{prefix}_{i:05d}"
       image_file = f"{name}.png"
       _write_png(image, image_folder / image_file)
-      marks[image_file] = {"colour": mark.colour, "side": mark.side, "shape": mark.shape,
-                           "box": list(mark.box)}
-      truth = {"colour": mark.colour, "side": mark.side}
+      areas[image_file] = {"colour": colour, "pattern": pattern, "box": list(truth_area.box)}
+      truth = {"colour": colour, "pattern": pattern}
       if split == _TRAIN:
         pretrain.append({"id": name, "image": image_file, "conversations": [
             {"from": conv.HUMAN, "value": IMAGE_TOKEN},
-            {"from": conv.GPT, "value": _caption(rng, mark)}]})
+            {"from": conv.GPT, "value": _caption(rng, truth_area)}]})
         order = list(QUESTIONS) if rng.integers(2) == 0 else list(QUESTIONS)[::-1]
         turns = []
         for k, category in enumerate(order):
@@ -325,7 +394,8 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
           turns.append({"from": conv.GPT, "value": truth[category]})
         sft.append({"id": name, "image": image_file, "conversations": turns})
         text_turns = [dict(t) for t in turns]
-        text_turns[0]["value"] = text_turns[0]["value"].replace(IMAGE_TOKEN, _caption(rng, mark))
+        text_turns[0]["value"] = text_turns[0]["value"].replace(IMAGE_TOKEN,
+                                                                _caption(rng, truth_area))
         warmup.append({"id": f"{name}-text", "conversations": text_turns})
       else:
         for category, question in QUESTIONS.items():
@@ -337,11 +407,11 @@ def write_task(folder: str | os.PathLike, n_train: int, n_eval: int, seed: int,
                                                 ("sft_json", "sft.json"),
                                                 ("warmup_json", "warmup.json"),
                                                 ("eval_jsonl", "eval.jsonl"),
-                                                ("marks_json", "marks.json"))}
+                                                ("areas_json", "areas.json"))}
   _write_json(paths["pretrain_json"], pretrain)
   _write_json(paths["sft_json"], sft)
   _write_json(paths["warmup_json"], warmup)
-  _write_json(paths["marks_json"], marks)
+  _write_json(paths["areas_json"], areas)
   paths["eval_jsonl"].write_text("".join(json.dumps(r) + "\n" for r in eval_records),
                                  encoding="utf-8")
   return SyntheticTask(folder=folder, image_folder=image_folder, answers=dict(ANSWERS),

@@ -15,7 +15,7 @@ data, jitted step and export; this loop owns everything around them. One run wri
   train_config.json     the config of the run.
   metrics.jsonl         one line per step (process 0).
   tensorboard/          TensorBoard event files (process 0).
-  loss.png              the loss curve (process 0).
+  loss.png              the loss curve and the learning rate (process 0; `plots.write_loss_png`).
   summary.json          the last step's metrics and the run's counts (process 0).
   run.lock              held while a run writes here (`outputs.RunLock`): a second run into the
                         same folder is refused, naming the holder.
@@ -317,31 +317,6 @@ class _Progress:
       self.bar.close()
 
 
-def write_loss_png(path, steps: list[int], losses: list[float],
-                   title: str = "training loss") -> None:
-  """A small line chart drawn with PIL (no plotting dependency), into `path` (a file name or a
-  binary file)."""
-  from PIL import Image, ImageDraw
-  w, h, pad = 640, 360, 40
-  img = Image.new("RGB", (w, h), "white")
-  d = ImageDraw.Draw(img)
-  d.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
-  d.text((pad, 4), title, fill="black")
-  if len(losses) >= 2:
-    y = np.asarray(losses, np.float64)
-    lo, hi = float(np.nanmin(y)), float(np.nanmax(y))
-    hi = hi if hi > lo else lo + 1.0
-    x0, x1 = min(steps), max(steps)
-    xs = [pad + (s - x0) / max(x1 - x0, 1) * (w - 1.5 * pad) for s in steps]
-    ys = [h - pad - (v - lo) / (hi - lo) * (h - 1.5 * pad) for v in y]
-    d.line(list(zip(xs, ys)), fill=(31, 119, 180), width=2)
-    d.text((4, pad // 2), f"{hi:.3g}", fill="black")
-    d.text((4, h - pad - 10), f"{lo:.3g}", fill="black")
-    d.text((pad, h - pad + 4), f"step {x0}", fill="black")
-    d.text((w - 3 * pad, h - pad + 4), f"step {x1}", fill="black")
-  img.save(path, format="PNG")
-
-
 @contextlib.contextmanager
 def _sigterm_flag() -> Iterator[dict]:
   """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
@@ -447,7 +422,7 @@ def _run(task: Task, out: pathlib.Path, stop_after: int | None) -> dict[str, Any
   every, log_every = int(cfg.checkpoint.every), max(int(cfg.train.log_every), 1)
   progress = _Progress(total, start, lead)
   last, ran, stopped = (history[-1] if history else {}), 0, None
-  losses = [(r["step"], r["loss"]) for r in history]
+  losses = [(r["step"], r["loss"], r.get("lr")) for r in history]
   completed = False
   try:
     with _sigterm_flag() as sigterm, (open(metrics_path, "a") if lead else
@@ -462,7 +437,7 @@ def _run(task: Task, out: pathlib.Path, stop_after: int | None) -> dict[str, Any
         done = step + 1
         row = {"step": done, **metrics, **task.metrics(step, batch, metrics, dt),
                "step_time_s": dt}
-        losses.append((done, row["loss"]))
+        losses.append((done, row["loss"], row.get("lr")))
         last = row
         ran += 1
         if lead:
@@ -507,14 +482,15 @@ def _run(task: Task, out: pathlib.Path, stop_after: int | None) -> dict[str, Any
           close()
   mngr.close()
   summary = {**last, "steps_run": ran, "start_step": start, "total_steps": total,
-             "stopped_at": stopped, "losses": [v for _, v in losses[len(history):]],
+             "stopped_at": stopped, "losses": [v for _, v, _ in losses[len(history):]],
              **task.summary(), "checkpoint_dir": str(folder)}
   if stopped is None:
     summary["final"] = str(task.export(state, out))
   if lead and losses:
-    with outputs.atomic_file(out / "loss.png", "wb") as f:
-      write_loss_png(f, [s for s, _ in losses], [v for _, v in losses],
-                     f"{cfg.name}: stage {cfg.train.stage} loss")
+    from hiwin_jax import plots
+    steps, values, lrs = zip(*losses)
+    plots.write_loss_png(out / "loss.png", steps, values, f"{cfg.name}: stage {cfg.train.stage}",
+                         lrs=None if None in lrs else lrs)
     outputs.write_text(out / "summary.json", json.dumps(
         {k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
   return summary

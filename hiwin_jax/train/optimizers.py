@@ -4,6 +4,8 @@
   run it: optax AdamW (decoupled weight decay, torch's defaults) after global-norm clipping,
   with linear warm-up then cosine decay to 0 (HF's `get_cosine_schedule_with_warmup`: warm-up
   steps = ceil(warmup_ratio * total)), or a constant rate.
+  `projector_lr` / `vision_lr` give the projector (with the JBU) and the ViT their own peak
+  rates (LLaVA's `mm_projector_lr` / `mm_vision_tower_lr`), on `lr`'s schedule.
 - "nadam" (stage 0, `config.nadam_config`): `torch.optim.NAdam` after Lightning's gradient-norm
   clip in the first `clip_steps` steps only, constant rate (FeatUp's `train_vdim_upsampler.py`).
 """
@@ -42,6 +44,36 @@ def lr_schedule(ocfg, total_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, warmup, max(total, warmup + 1), 0.0)
 
 
+# Top-level modules with their own learning rate -> the optimizer field that sets it.
+MODULE_LR_FIELDS = {"projector": "projector_lr", "jbu": "projector_lr", "vision": "vision_lr"}
+
+
+def module_lr_factors(ocfg) -> dict[str, float]:
+  """Top-level module -> its peak learning rate / `lr`, for the modules whose rate differs."""
+  out = {}
+  for module, field in MODULE_LR_FIELDS.items():
+    lr = float(ocfg.get(field, 0.0))
+    if lr < 0:
+      raise ValueError(f"optimizer.{field} {lr} must be >= 0 (0: optimizer.lr)")
+    if lr and lr != ocfg.lr:
+      out[module] = lr / float(ocfg.lr)
+  return out
+
+
+def scale_by_module(factors: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of each top-level module (the first key of a parameter's path) by
+  its factor. After AdamW that is the module's own learning rate (its weight decay included).
+  Stateless: the AdamW moments, and their shardings, are those of a single rate."""
+
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factors.get(getattr(path[0], "key", None), 1.0), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(ocfg, total_steps: int) -> Optimizer:
   """The optimizer `ocfg.name` names, for a run of `total_steps` steps."""
   schedule = lr_schedule(ocfg, total_steps)
@@ -49,6 +81,9 @@ def make_optimizer(ocfg, total_steps: int) -> Optimizer:
     parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
                              weight_decay=ocfg.weight_decay))
+    factors = module_lr_factors(ocfg)
+    if factors:
+      parts.append(scale_by_module(factors))
     tx = optax.chain(*parts)
   elif ocfg.name == "nadam":
     tx = optax.chain(clip_by_global_norm_until(ocfg.clip_norm, ocfg.clip_steps),
