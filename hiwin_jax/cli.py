@@ -443,6 +443,7 @@ def _answer(args, overrides) -> int:
       _require(path, "--image", "file")
   else:
     _require(args.questions, "--questions", "file")
+    evaluate.read_questions(args.questions)  # a malformed file fails before the model loads
     if args.image_folder:
       _require(args.image_folder, "--image-folder")
   tokenizer = evaluate.load_tokenizer(args.tokenizer)

@@ -547,3 +547,13 @@ def test_a_bug_is_reported_as_an_internal_error_in_one_line(capsys, monkeypatch)
   code, err = run(["aot"], capsys)
   assert_one_line(code, err, "internal error: RuntimeError: an invariant broke", "--debug",
                   status=1)
+
+
+def test_a_malformed_question_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the question file was read")
+  monkeypatch.setattr(weights, "load_model", no_model)
+  (tmp_path / "q.jsonl").write_text('{"question_id": 1, "text": "a"}\n{"question_id": 1}\n')
+  code, err = run(["eval", "--checkpoint", tmp_path, "--tokenizer", "bytes", "--questions",
+                   tmp_path / "q.jsonl", "--answers", tmp_path / "a.jsonl"], capsys)
+  assert_one_line(code, err, "q.jsonl", "appears twice")
