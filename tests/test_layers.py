@@ -74,3 +74,17 @@ def test_scaled_multiplies_in_float32_as_torch_does_a_python_scalar():
   got = scaled(jnp.asarray(x, jnp.bfloat16), 0.1)
   assert got.dtype == jnp.bfloat16
   assert differing(got, want) == 0.0
+
+
+def test_rounded_is_a_bf16_rounding_xla_keeps_inside_a_fusion():
+  """torch rounds `tau * logits` to bf16 before its softmax; `rounded` keeps that rounding under
+  jit, where XLA's excess precision would skip an `.astype(bf16).astype(f32)` pair."""
+  from hiwin_jax.models.layers import rounded
+  logits = bf16_values((512, 49), 6, 4.0)
+  tau = np.float32(2.640625)
+  want = torch.softmax(torch.tensor(tau).bfloat16() * torch.from_numpy(logits).bfloat16(), -1)
+  got = jax.jit(lambda t, x: jax.nn.softmax(rounded(t * x, jnp.bfloat16), -1).astype(
+      jnp.bfloat16))(jnp.float32(tau), jnp.asarray(logits))
+  assert differing(got, want) <= MAX_DIFFERING
+  np.testing.assert_array_equal(np.asarray(rounded(jnp.asarray(logits * tau), jnp.float32)),
+                                logits * tau)

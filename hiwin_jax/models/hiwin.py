@@ -37,7 +37,7 @@ from flax import nnx
 
 from hiwin_jax.models import resize
 from hiwin_jax.models.layers import (LayerNorm, Linear, Precision, biased_matmul, checkpoint_name,
-                                     normal_init, param, scaled)
+                                     normal_init, param, rounded, scaled)
 from hiwin_jax.models.roi_align import (MAX_POOL, pooling_size, window_slots, window_weights)
 
 _F32 = jnp.float32
@@ -188,8 +188,8 @@ class HiwinProjector(nnx.Module):
     if self.attention == "official":
       kh = checkpoint_name(in_proj(keys.astype(dt), 1), "key_proj").reshape(n, q, l, nh, hd)
       vh = checkpoint_name(in_proj(values.astype(dt), 2), "value_proj").reshape(n, q, l, nh, hd)
-      logits = jnp.einsum("sqhd,nqlhd->nsqhl", qh, kh, precision=p.matmul,
-                          preferred_element_type=_F32).astype(dt).astype(_F32)
+      logits = rounded(jnp.einsum("sqhd,nqlhd->nsqhl", qh, kh, precision=p.matmul,
+                                  preferred_element_type=_F32), dt)
       # Every item has >= 6 valid samples per window, so no row is fully masked.
       probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(dt)
       ctx = jnp.einsum("nsqhl,nqlhd->nsqhd", probs, vh, precision=p.matmul)
@@ -202,13 +202,13 @@ class HiwinProjector(nnx.Module):
       wk = w_in[:, e:2 * e].reshape(e, nh, hd)
       wv = w_in[:, 2 * e:].reshape(e, nh, hd)
       qk = jnp.einsum("sqhd,ehd->sqhe", qh, wk, precision=p.matmul)            # [S, Q, H, E]
-      logits = jnp.einsum("sqhe,nqle->nsqhl", qk, keys.astype(dt), precision=p.matmul,
-                          preferred_element_type=_F32).astype(dt).astype(_F32)
+      logits = rounded(jnp.einsum("sqhe,nqle->nsqhl", qk, keys.astype(dt), precision=p.matmul,
+                                  preferred_element_type=_F32), dt)
       probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(dt)
       mixed = jnp.einsum("nsqhl,nqle->nsqhe", probs, values.astype(dt), precision=p.matmul)
       ctx = (jnp.einsum("nsqhe,ehd->nsqhd", mixed, wv, precision=p.matmul,
                         preferred_element_type=_F32)
-             + b_in[2 * e:].reshape(nh, hd).astype(dt).astype(_F32)).astype(dt)
+             + rounded(b_in[2 * e:].reshape(nh, hd), dt)).astype(dt)
     ctx = checkpoint_name(ctx.reshape(n, NUM_QUERY_SETS, q, e), "context")
     out = self.ln_proj(self.attn_out_proj(ctx))                              # [N, S, Q, E]
     z = jnp.moveaxis(out, 1, 2).reshape(n, q, NUM_QUERY_SETS * e)            # q1 | q2 | q3 | q4

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from hiwin_jax.kernels.adaptive_conv import adaptive_conv, adaptive_conv_sharded
-from hiwin_jax.models.layers import Linear, Precision, param, scaled
+from hiwin_jax.models.layers import Linear, Precision, param, rounded, scaled
 from hiwin_jax.models.resize import (adaptive_avg_pool2d, reflect_pad, reflect_pad_per_item,
                                      resize_bicubic, upsample2x_bicubic)
 from hiwin_jax.parallel import sharding
@@ -196,7 +196,10 @@ class JBULearnedRange(nnx.Module):
               else reflect_pad_per_item(keys, self.radius, valid)).astype(_F32)
     logits = _range_logits(padded, keys.astype(_F32), self.diameter).astype(cd)
     tau = jnp.clip(jnp.exp(self.range_temp[...].astype(cd)), 1e-4, 1e4)
-    return jax.nn.softmax((tau * logits).astype(_F32), axis=-1).astype(cd)
+    # torch multiplies in the compute dtype: the float32 product of two bf16 values is exact,
+    # `rounded` is torch's rounding of it, which XLA would otherwise skip inside the softmax.
+    return jax.nn.softmax(rounded(tau.astype(_F32) * logits.astype(_F32), cd),
+                          axis=-1).astype(cd)
 
   def filters(self, guidance: jax.Array, dropout_rng: jax.Array | None = None,
               valid: jax.Array | None = None) -> jax.Array:

@@ -101,7 +101,19 @@ def biased_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
   if not fused:
     return y.astype(dt) + bias.astype(dt)
   # The bias is a compute-dtype parameter in torch's run too: round it first, add it in float32.
-  return (y + bias.astype(dt).astype(jnp.float32)).astype(dt)
+  return (y + rounded(bias, dt)).astype(dt)
+
+
+def rounded(x: jax.Array, dtype: Any) -> jax.Array:
+  """float32 `x` rounded (to nearest even) to `dtype`'s precision, kept in float32.
+
+  `x.astype(bf16).astype(f32)` is not a rounding XLA keeps: with its default
+  `xla_allow_excess_precision` it may drop the pair (or compute a bf16 op in float32 without
+  rounding its result), while torch rounds every bf16 op's result. `reduce_precision` cannot be
+  dropped."""
+  info = jnp.finfo(dtype)
+  return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp,
+                                  mantissa_bits=info.nmant)
 
 
 def scaled(x: jax.Array, factor: float) -> jax.Array:
