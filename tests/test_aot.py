@@ -77,6 +77,17 @@ def test_step_table_has_one_row_per_compile():
   assert table[3].startswith("| v5p-8 | splash | 2 (8) |") and len(table) == 4
 
 
+@pytest.mark.parametrize("estimate, want", [(2.5e-3, 2.5e-3), (-18.98, None), (0.0, None)])
+def test_cost_report_keeps_only_positive_time_estimates(estimate, want):
+  """libtpu 0.0.42 returns negative `optimal_seconds` for v6e programs: not a time."""
+  compiled = types.SimpleNamespace(
+      cost_analysis=lambda: {"flops": 1e9, "bytes accessed": 2e6, "optimal_seconds": estimate},
+      as_text=lambda: "a = while(b)\nc = while(d)")
+  report = aot.CostReport.from_compiled(compiled)
+  assert (report.flops, report.bytes_accessed, report.seconds, report.while_loops) == (
+      1e9, 2e6, want, 2)
+
+
 @pytest.mark.tpu_aot
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])

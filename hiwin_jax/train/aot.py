@@ -223,7 +223,9 @@ class CostReport:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     get = lambda k: float(cost[k]) if cost.get(k) else None
-    return cls(get("flops"), get("bytes accessed"), get("optimal_seconds"),
+    # libtpu 0.0.42 gives v6e programs a negative optimal_seconds: no estimate, not a time.
+    seconds = get("optimal_seconds")
+    return cls(get("flops"), get("bytes accessed"), seconds if seconds and seconds > 0 else None,
                compiled.as_text().count(" while("))
 
 
