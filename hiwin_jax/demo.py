@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 import shlex
 import time
@@ -60,8 +59,6 @@ from flax import nnx
 
 from hiwin_jax import config, weights
 from hiwin_jax.data import slicing, synthetic
-
-log = logging.getLogger("hiwin.demo")
 
 VIEW = 112       # the tiny model's ViT input side: 8x8 patches of 14 px
 GRID_SIZE = 4    # Hiwin tokens per item = GRID_SIZE ** 2

@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
                                     f"--config.model.vision.image_size={VIEW}"])
   model = nnx.eval_shape(lambda: LlavaUHD(cfg.model, Precision.parity(), rngs=nnx.Rngs(0)))
   task = synthetic.write_task(root / "task", 4, 1, seed=0, image_size=(2 * VIEW, VIEW),
-                              mark_size=(20, 30), scale_resolution=VIEW)  # 2 slices + overview
+                              scale_resolution=VIEW)  # 2 slices + overview
   tok = synthetic.make_tokenizer(root / "tok", task.texts())
   return cfg, model, task, tok
 

@@ -65,7 +65,7 @@ def jax_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   root = tmp_path_factory.mktemp("task")
-  t = synthetic.write_task(root / "task", 24, 1, seed=0, image_size=(112, 56), mark_size=(4, 8))
+  t = synthetic.write_task(root / "task", 24, 1, seed=0, image_size=(112, 56))
   synthetic.make_tokenizer(root / "tok", t.texts())
   return {"pretrain": str(t.pretrain_json), "sft": str(t.sft_json),
           "images": str(t.image_folder), "tokenizer": str(root / "tok")}
@@ -349,7 +349,7 @@ def write_mixed_task(root: pathlib.Path):
   and one truncated PNG with an intact header (skipped when loaded)."""
   images, records = root / "images", []
   for name, size in (("wide", (112, 56)), ("tall", (56, 112))):
-    t = synthetic.write_task(root / name, 8, 1, seed=1, image_size=size, mark_size=(4, 8))
+    t = synthetic.write_task(root / name, 8, 1, seed=1, image_size=size)
     for r in json.loads(t.pretrain_json.read_text()):
       dst = images / name / r["image"]
       dst.parent.mkdir(parents=True, exist_ok=True)
