@@ -10,7 +10,9 @@ Writes `--out` (default device_check.json: the machine, the card's name, driver,
 versions and one record per case) and the same table as markdown next to it (.md), and prints the
 table. Compilations go to a persistent cache (`--cache-dir`), so a rerun on the same machine
 spends its time running, not compiling. `--budget` seconds (default 480) bounds the whole run: a
-case that would start after it is listed as skipped; every case also has its own time limit.
+case starts only with 30 s of it left and is cut at its end (skipped cases are listed), every case
+also has its own time limit, and the report is rewritten after every case, so a run killed from
+outside keeps what it finished.
 
 Cases (real shapes; `--smoke` shrinks every dimension but runs the same code):
   info                 backend, device kind, driver, versions (decides which impls run).
@@ -433,36 +435,49 @@ def main() -> int:
   limit = SMOKE_TIME_LIMIT_S if args.smoke else TIME_LIMIT_S
   start = time.perf_counter()
 
-  def run(name):
+  def run(name, timeout):
     t = time.perf_counter()
-    row = run_child(__spec__.name, name, extra, env, timeout=limit)
+    row = run_child(__spec__.name, name, extra, env, timeout=timeout)
     row["wall_s"] = time.perf_counter() - t
     print(f"{name:<20}{row['wall_s']:6.0f} s  {summary(name, row)}", flush=True)
     return row
 
-  info = run("info")
+  def write(rows):
+    """The report so far: written after every case, so a run killed from outside (a device
+    loan's per-command limit) still leaves the cases it finished."""
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "smoke": args.smoke, "repeats": repeats, "machine": machine(), "info": rows["info"],
+              "total_s": time.perf_counter() - start, "cases": rows}
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+    table = markdown(report)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+      f.write(table + "\n")
+    return table
+
+  info = run("info", limit)
   if info.get("error"):
     print(f"device_check: the backend did not start: {info['error']}", file=sys.stderr)
     return 1
+  if not args.smoke and info["platform"] == "cpu":
+    print("device_check: jax sees no GPU/TPU (install jax[cuda12] or use --smoke)",
+          file=sys.stderr)
+    return 1
   names = only or cases(info["platform"])
   rows = {"info": info}
+  table = write(rows)
   for name in names:
-    if time.perf_counter() - start > args.budget:
+    # A case starts only with time left to finish it inside the budget (30 s: process start and
+    # jax import), and is cut at the budget's end.
+    elapsed = time.perf_counter() - start
+    if elapsed + 30 >= args.budget:
       rows[name] = {"name": name, "error": f"skipped: over the {args.budget:.0f} s budget",
                     "wall_s": 0.0}
-      continue
-    rows[name] = run(name)
-  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "smoke": args.smoke, "repeats": repeats, "machine": machine(), "info": info,
-            "total_s": time.perf_counter() - start, "cases": rows}
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
-  table = markdown(report)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
+    else:
+      rows[name] = run(name, min(limit, args.budget - elapsed))
+    table = write(rows)
   print("\n" + table)
   return 1 if any(r.get("error") for r in rows.values()) else 0
-
 
 if __name__ == "__main__":
   sys.exit(main())
