@@ -62,7 +62,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import machine, measure, report_child, run_child
+from benchmarks.harness import jit_init, machine, measure, report_child, run_child
 
 # device kind substring (first match wins) -> HBM bytes/s, fp32 (non-tensor-core) FLOP/s, dense
 # bf16 FLOP/s: vendor data sheets (SXM parts unless named).
@@ -265,9 +265,7 @@ def case_vision(smoke: bool, repeats: int) -> dict:
   cfg = V.model_config(V.SMALL if smoke else V.FULL)
   cfg.model.precision.dtype = "bfloat16"
   precision = Precision.from_config(cfg.model.precision)
-  make = lambda: LlavaUHD(cfg.model, precision, rngs=nnx.Rngs(0))
-  graphdef, _ = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.state(make()))()
+  graphdef, state = jit_init(lambda: LlavaUHD(cfg.model, precision, rngs=nnx.Rngs(0)))
   _, items = V.image_items()
   packed = B.pack_items(items, B.default_buckets())
   buckets = tuple({k: jnp.asarray(v) for k, v in b.items()} for b in packed.buckets)

@@ -39,6 +39,15 @@ def measure(fn: Callable[..., object], repeats: int,
   return {"seconds": statistics.median(times), "peak_mb": _rss_mb("VmHWM:")}
 
 
+def jit_init(make: Callable[[], object]):
+  """(graphdef, state) of the NNX module `make()` builds, initialised as one jitted program: built
+  eagerly, every initialiser is its own dispatch (a compilation each on a GPU; minutes at 7B)."""
+  import jax
+  from flax import nnx
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  return graphdef, jax.jit(lambda: nnx.state(make()))()
+
+
 def report_child(name: str, result: dict) -> None:
   """Prints this process's result line for the parent to collect."""
   print(json.dumps({"name": name, **result}))
