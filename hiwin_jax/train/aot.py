@@ -288,14 +288,12 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
   log(f"lowered in {t1 - t0:.1f} s; compiling for {topo.libtpu_name} ...")
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost["flops"]) if cost and cost.get("flops") else None
   return AotResult(
       topo, dict(mesh.shape), cfg.model.llm.attention,
       {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
       batch, int(abstract_batch["input_ids"].shape[1]), seq, slices,
-      MemoryReport.from_compiled(compiled), trainer.flops(host), xla_flops,
+      MemoryReport.from_compiled(compiled), trainer.flops(host),
+      CostReport.from_compiled(compiled).flops,
       trainer.num_trainable, trainer.num_frozen, t1 - t0, t2 - t1)
 
 
