@@ -182,9 +182,8 @@ def case_conv(impl: str, smoke: bool, repeats: int) -> dict:
 def case_jbu(impl: str, smoke: bool, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from hiwin_jax.models.jbu import JBUStack
+  from hiwin_jax.models.jbu import stack4x_programs
   from hiwin_jax.models.layers import Precision
   c, items, grid = (8, 2, 5) if smoke else (1024, 7, 24)
   precision = Precision(dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -192,20 +191,18 @@ def case_jbu(impl: str, smoke: bool, repeats: int) -> dict:
   pixels = jax.random.normal(jax.random.key(2), (items, 14 * grid, 14 * grid, 3))
 
   def step(conv_impl):
-    graphdef, state = nnx.split(JBUStack(c, precision=precision, conv_impl=conv_impl,
-                                         rngs=nnx.Rngs(0)))
-    forward = lambda st, x: nnx.merge(graphdef, st)(x, pixels)["feat4x"]
-    loss = lambda st, x: jnp.sum(forward(st, x).astype(jnp.float32) ** 2)
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1))), state
+    forward, grad, state = stack4x_programs(c, precision=precision, conv_impl=conv_impl)
+    return jax.jit(forward), jax.jit(grad), state
 
   fwd, grad, state = step(impl)
-  out = {"fwd_s": _timed(lambda: fwd(state, source), repeats),
-         "fwdbwd_s": _timed(lambda: grad(state, source), repeats),
+  out = {"fwd_s": _timed(lambda: fwd(state, source, pixels), repeats),
+         "fwdbwd_s": _timed(lambda: grad(state, source, pixels), repeats),
          "device_peak_mb": _device_peak_mb()}
   if impl != "xla":
     xla_fwd, xla_grad, _ = step("xla")
-    out["err_feat4x"] = _rel_err(fwd(state, source), xla_fwd(state, source))
-    out["err_grad_source"] = _rel_err(grad(state, source)[1], xla_grad(state, source)[1])
+    out["err_feat4x"] = _rel_err(fwd(state, source, pixels), xla_fwd(state, source, pixels))
+    out["err_grad_source"] = _rel_err(grad(state, source, pixels)[1],
+                                      xla_grad(state, source, pixels)[1])
   return {"seconds": out["fwdbwd_s"], **out}
 
 
