@@ -10,7 +10,9 @@ Writes `--out` (default device_check.json: the machine, the card's name, driver,
 versions and one record per case) and the same table as markdown next to it (.md), and prints the
 table. Compilations go to a persistent cache (`--cache-dir`), so a rerun on the same machine
 spends its time running, not compiling. `--budget` seconds (default 480) bounds the whole run: a
-case that would start after it is listed as skipped; every case also has its own time limit.
+case starts only with 30 s of it left and is cut at its end (skipped cases are listed), every case
+also has its own time limit, and the report is rewritten after every case, so a run killed from
+outside keeps what it finished.
 
 Cases (real shapes; `--smoke` shrinks every dimension but runs the same code):
   info                 backend, device kind, driver, versions (decides which impls run).
@@ -60,7 +62,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import machine, measure, report_child, run_child
+from benchmarks.harness import jit_init, machine, measure, report_child, run_child
 
 # device kind substring (first match wins) -> HBM bytes/s, fp32 (non-tensor-core) FLOP/s, dense
 # bf16 FLOP/s: vendor data sheets (SXM parts unless named).
@@ -180,9 +182,8 @@ def case_conv(impl: str, smoke: bool, repeats: int) -> dict:
 def case_jbu(impl: str, smoke: bool, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from hiwin_jax.models.jbu import JBUStack
+  from hiwin_jax.models.jbu import stack4x_programs
   from hiwin_jax.models.layers import Precision
   c, items, grid = (8, 2, 5) if smoke else (1024, 7, 24)
   precision = Precision(dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -190,20 +191,18 @@ def case_jbu(impl: str, smoke: bool, repeats: int) -> dict:
   pixels = jax.random.normal(jax.random.key(2), (items, 14 * grid, 14 * grid, 3))
 
   def step(conv_impl):
-    graphdef, state = nnx.split(JBUStack(c, precision=precision, conv_impl=conv_impl,
-                                         rngs=nnx.Rngs(0)))
-    forward = lambda st, x: nnx.merge(graphdef, st)(x, pixels)["feat4x"]
-    loss = lambda st, x: jnp.sum(forward(st, x).astype(jnp.float32) ** 2)
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1))), state
+    forward, grad, state = stack4x_programs(c, precision=precision, conv_impl=conv_impl)
+    return jax.jit(forward), jax.jit(grad), state
 
   fwd, grad, state = step(impl)
-  out = {"fwd_s": _timed(lambda: fwd(state, source), repeats),
-         "fwdbwd_s": _timed(lambda: grad(state, source), repeats),
+  out = {"fwd_s": _timed(lambda: fwd(state, source, pixels), repeats),
+         "fwdbwd_s": _timed(lambda: grad(state, source, pixels), repeats),
          "device_peak_mb": _device_peak_mb()}
   if impl != "xla":
     xla_fwd, xla_grad, _ = step("xla")
-    out["err_feat4x"] = _rel_err(fwd(state, source), xla_fwd(state, source))
-    out["err_grad_source"] = _rel_err(grad(state, source)[1], xla_grad(state, source)[1])
+    out["err_feat4x"] = _rel_err(fwd(state, source, pixels), xla_fwd(state, source, pixels))
+    out["err_grad_source"] = _rel_err(grad(state, source, pixels)[1],
+                                      xla_grad(state, source, pixels)[1])
   return {"seconds": out["fwdbwd_s"], **out}
 
 
@@ -263,9 +262,7 @@ def case_vision(smoke: bool, repeats: int) -> dict:
   cfg = V.model_config(V.SMALL if smoke else V.FULL)
   cfg.model.precision.dtype = "bfloat16"
   precision = Precision.from_config(cfg.model.precision)
-  make = lambda: LlavaUHD(cfg.model, precision, rngs=nnx.Rngs(0))
-  graphdef, _ = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.state(make()))()
+  graphdef, state = jit_init(lambda: LlavaUHD(cfg.model, precision, rngs=nnx.Rngs(0)))
   _, items = V.image_items()
   packed = B.pack_items(items, B.default_buckets())
   buckets = tuple({k: jnp.asarray(v) for k, v in b.items()} for b in packed.buckets)
@@ -433,36 +430,49 @@ def main() -> int:
   limit = SMOKE_TIME_LIMIT_S if args.smoke else TIME_LIMIT_S
   start = time.perf_counter()
 
-  def run(name):
+  def run(name, timeout):
     t = time.perf_counter()
-    row = run_child(__spec__.name, name, extra, env, timeout=limit)
+    row = run_child(__spec__.name, name, extra, env, timeout=timeout)
     row["wall_s"] = time.perf_counter() - t
     print(f"{name:<20}{row['wall_s']:6.0f} s  {summary(name, row)}", flush=True)
     return row
 
-  info = run("info")
+  def write(rows):
+    """The report so far: written after every case, so a run killed from outside (a device
+    loan's per-command limit) still leaves the cases it finished."""
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "smoke": args.smoke, "repeats": repeats, "machine": machine(), "info": rows["info"],
+              "total_s": time.perf_counter() - start, "cases": rows}
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+    table = markdown(report)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+      f.write(table + "\n")
+    return table
+
+  info = run("info", limit)
   if info.get("error"):
     print(f"device_check: the backend did not start: {info['error']}", file=sys.stderr)
     return 1
+  if not args.smoke and info["platform"] == "cpu":
+    print("device_check: jax sees no GPU/TPU (install jax[cuda12] or use --smoke)",
+          file=sys.stderr)
+    return 1
   names = only or cases(info["platform"])
   rows = {"info": info}
+  table = write(rows)
   for name in names:
-    if time.perf_counter() - start > args.budget:
+    # A case starts only with time left to finish it inside the budget (30 s: process start and
+    # jax import), and is cut at the budget's end.
+    elapsed = time.perf_counter() - start
+    if elapsed + 30 >= args.budget:
       rows[name] = {"name": name, "error": f"skipped: over the {args.budget:.0f} s budget",
                     "wall_s": 0.0}
-      continue
-    rows[name] = run(name)
-  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "smoke": args.smoke, "repeats": repeats, "machine": machine(), "info": info,
-            "total_s": time.perf_counter() - start, "cases": rows}
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
-  table = markdown(report)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
+    else:
+      rows[name] = run(name, min(limit, args.budget - elapsed))
+    table = write(rows)
   print("\n" + table)
   return 1 if any(r.get("error") for r in rows.values()) else 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -55,7 +55,7 @@ import argparse
 import os
 import time
 
-from benchmarks.harness import measure, print_table, report_child, run_children
+from benchmarks.harness import jit_init, measure, print_table, report_child, run_children
 
 IMAGE_WH = (1008, 672)
 CASES = ["jax_b1", "jax_b8", "torch_b1", "torch_b8"]
@@ -74,7 +74,8 @@ def build(config, batch: int, prompt_tokens: int):
   from hiwin_jax.models.layers import Precision
   from hiwin_jax.models.llava_uhd import LlavaUHD
   cfg = C.load_config(config) if isinstance(config, str) else config
-  model = LlavaUHD(cfg.model, Precision.from_config(cfg.model.precision), rngs=nnx.Rngs(0))
+  model = nnx.merge(*jit_init(lambda: LlavaUHD(cfg.model, Precision.from_config(
+      cfg.model.precision), rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
   img = Image.fromarray(rng.integers(0, 256, (IMAGE_WH[1], IMAGE_WH[0], 3), dtype=np.uint8))
   text = rng.integers(3, cfg.model.llm.vocab_size, prompt_tokens)

@@ -39,6 +39,15 @@ def measure(fn: Callable[..., object], repeats: int,
   return {"seconds": statistics.median(times), "peak_mb": _rss_mb("VmHWM:")}
 
 
+def jit_init(make: Callable[[], object]):
+  """(graphdef, state) of the NNX module `make()` builds, initialised as one jitted program: built
+  eagerly, every initialiser is its own dispatch (a compilation each on a GPU; minutes at 7B)."""
+  import jax
+  from flax import nnx
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  return graphdef, jax.jit(lambda: nnx.state(make()))()
+
+
 def report_child(name: str, result: dict) -> None:
   """Prints this process's result line for the parent to collect."""
   print(json.dumps({"name": name, **result}))
@@ -49,17 +58,22 @@ def run_child(module: str, name: str, extra_args: list[str], env: dict[str, str]
   """Runs one case as `python -m <module> --child --only <name> ...` in a fresh process (its own
   peak memory; nothing cached between cases), from the current directory (the repository root),
   with `env` over this process's environment. A failure or a timeout becomes the row's `error`
-  (the last line of stderr), so one case never stops the others."""
+  (stderr's last line) and `stderr_tail` (its last 4000 characters, for the traceback), so one
+  case never stops the others."""
   cmd = [sys.executable, "-m", module, "--child", "--only", name, *extra_args]
   failed = {"name": name, "seconds": None, "peak_mb": None}
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
                          timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {**failed, "error": f"timed out after {timeout:.0f} s"}
-  if out.returncode:
-    return {**failed, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  except subprocess.TimeoutExpired as e:
+    stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+    return {**failed, "error": f"timed out after {timeout:.0f} s", "stderr_tail": stderr[-4000:]}
+  lines = out.stdout.strip().splitlines()
+  if out.returncode or not lines:
+    error = (out.stderr.strip().splitlines() or ["failed"])[-1][:200] if out.returncode else (
+        "no result line")
+    return {**failed, "error": error, "stderr_tail": out.stderr[-4000:]}
+  return json.loads(lines[-1])
 
 
 def run_children(module: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:

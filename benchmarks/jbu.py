@@ -25,24 +25,14 @@ CASES = ["jax-fwd", "jax-fwdbwd", "torch_shift-fwd", "torch_shift-fwdbwd", "torc
 
 def run_jax(backward: bool, repeats: int) -> dict:
   import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from hiwin_jax.models.jbu import JBUStack
+  from hiwin_jax.models.jbu import stack4x_programs
   from hiwin_jax.models.layers import Precision
 
-  graphdef, state = nnx.split(JBUStack(C, precision=Precision(), conv_impl="xla",
-                                       rngs=nnx.Rngs(0)))
+  forward, grad, state = stack4x_programs(C, precision=Precision(), conv_impl="xla")
   source = jax.random.normal(jax.random.key(1), (SLICES, GRID, GRID, C))
   pixels = jax.random.normal(jax.random.key(2), (SLICES, 14 * GRID, 14 * GRID, 3))
-
-  def forward(state, source):
-    return nnx.merge(graphdef, state)(source, pixels)["feat4x"]
-
-  if backward:
-    step = jax.jit(jax.grad(lambda st, x: jnp.sum(forward(st, x) ** 2), argnums=(0, 1)))
-  else:
-    step = jax.jit(forward)
-  return measure(lambda: jax.block_until_ready(step(state, source)), repeats)
+  step = jax.jit(grad if backward else forward)
+  return measure(lambda: jax.block_until_ready(step(state, source, pixels)), repeats)
 
 
 def run_torch(conv: str, backward: bool, repeats: int) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.harness import measure, print_table, report_child, run_children
+from benchmarks.harness import jit_init, measure, print_table, report_child, run_children
 
 LLM = dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
            head_dim=64, mlp_dim=5632)
@@ -42,8 +42,7 @@ def run_jax(which, repeats):
     make = lambda: LlamaModel(cfg, Precision(), rngs=nnx.Rngs(0))
     inputs = (jax.random.randint(jax.random.key(1), (1, TOKENS), 0, LLM["vocab_size"]),)
     call = lambda m, ids: m(ids)[0]
-  graphdef, _ = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.state(make()))()
+  graphdef, state = jit_init(make)
   fwd = jax.jit(lambda st, *x: call(nnx.merge(graphdef, st), *x))
   return measure(lambda: jax.block_until_ready(fwd(state, *inputs)), repeats)
 

@@ -65,7 +65,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.harness import measure, print_table, report_child, run_children
+from benchmarks.harness import jit_init, measure, print_table, report_child, run_children
 
 IMAGE_WH = (1008, 672)
 MAX_SLICE_NUMS = 9          # evaluation (spec §1.1); 7 at training gives the same 3x2 grid here
@@ -151,8 +151,7 @@ def run_jax(dims: dict, repeats: int) -> dict:
   cfg = model_config(dims)
   precision = Precision.from_config(cfg.model.precision)
   make = lambda: LlavaUHD(cfg.model, precision, rngs=nnx.Rngs(0))
-  graphdef, _ = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.state(make()))()
+  graphdef, state = jit_init(make)
   _, items = image_items()
   packed = B.pack_items(items, B.default_buckets())
   buckets = tuple({k: jnp.asarray(v) for k, v in b.items()} for b in packed.buckets)

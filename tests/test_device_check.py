@@ -75,3 +75,21 @@ def test_smoke_runs_every_case_on_cpu(tmp_path):
   table = (tmp_path / "check.md").read_text()
   for name in rows:
     assert f"| {name} |" in table
+
+
+def test_run_child_keeps_the_failing_cases_stderr_tail(tmp_path, monkeypatch):
+  """A failed case keeps its traceback's end (device runs are rare: the report must say why), and
+  a case that exits 0 without a result line is a failed row, not an IndexError in the parent."""
+  from benchmarks.harness import run_child
+  (tmp_path / "crash.py").write_text(
+      "import sys\nsys.stderr.write('x' * 5000 + '\\nTraceback end: boom\\n')\nsys.exit(3)\n")
+  (tmp_path / "silent.py").write_text("print('', end='')\n")
+  (tmp_path / "slow.py").write_text(
+      "import sys, time\nsys.stderr.write('started\\n'); sys.stderr.flush()\ntime.sleep(60)\n")
+  monkeypatch.chdir(tmp_path)
+  crash = run_child("crash", "c", [])
+  assert crash["error"] == "Traceback end: boom" and crash["seconds"] is None
+  assert len(crash["stderr_tail"]) == 4000 and crash["stderr_tail"].endswith("boom\n")
+  assert run_child("silent", "s", [])["error"] == "no result line"
+  slow = run_child("slow", "t", [], timeout=2)
+  assert slow["error"] == "timed out after 2 s" and "started" in slow["stderr_tail"]

@@ -91,6 +91,14 @@ def test_splash_lowers_to_a_mosaic_kernel_for_tpu_only():
   tpu = fn.trace(params, ids).lower(lowering_platforms=("tpu",)).as_text()
   cpu = fn.trace(params, ids).lower(lowering_platforms=("cpu",)).as_text()
   assert "tpu_custom_call" in tpu and "tpu_custom_call" not in cpu
+  with pytest.raises(NotImplementedError, match="platform_index"):  # no interpreted GPU kernel
+    fn.trace(params, ids).lower(lowering_platforms=("cuda",))
+
+
+def test_splash_on_a_gpu_backend_is_a_one_line_error(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="attention='splash'.*no GPU lowering"):
+    _model("splash")
 
 
 def test_splash_decoding_with_a_cache_uses_the_xla_path():

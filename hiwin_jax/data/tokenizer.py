@@ -316,16 +316,8 @@ class Qwen2Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids if text else []
 
-  def tokenizer_image_token(self, prompt: str,
-                            image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
-    """LLaVA's `tokenizer_image_token`: each "<image>"-separated chunk tokenized on its own,
-    `image_token_index` between them (no BOS to drop)."""
-    chunks = [self.encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
-    ids = list(chunks[0])
-    for chunk in chunks[1:]:
-      ids.append(image_token_index)
-      ids.extend(chunk)
-    return ids
+  # LLaVA's rule, shared: with no BOS (bos_id None) no chunk has a first id to drop.
+  tokenizer_image_token = LlamaSpmTokenizer.tokenizer_image_token
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     ids = [int(i) for i in ids]

@@ -98,8 +98,8 @@ def biased_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
                  preferred_element_type=jnp.float32)
   if bias is None:
     return y.astype(dt)
-  if not fused:
-    return y.astype(dt) + bias.astype(dt)
+  if not fused:  # two roundings, both kept (`rounded`): the product's, then the sum's
+    return (rounded(y, dt) + rounded(bias, dt)).astype(dt)
   # The bias is a compute-dtype parameter in torch's run too: round it first, add it in float32.
   return (y + rounded(bias, dt)).astype(dt)
 
@@ -119,8 +119,9 @@ def rounded(x: jax.Array, dtype: Any) -> jax.Array:
 def scaled(x: jax.Array, factor: float) -> jax.Array:
   """`factor * x` as torch evaluates a Python scalar times a tensor: the factor as float32, the
   product in float32, rounded once to x's dtype (a weakly typed `x * factor` in JAX would round
-  the factor to bf16 first: sqrt(1/128) or 0.1 then change many bf16 products)."""
-  return (x.astype(jnp.float32) * np.float32(factor)).astype(x.dtype)
+  the factor to bf16 first: sqrt(1/128) or 0.1 then change many bf16 products). The rounding is
+  `rounded`'s, which XLA keeps even where the product feeds another op."""
+  return rounded(x.astype(jnp.float32) * np.float32(factor), x.dtype).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):

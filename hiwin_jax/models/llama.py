@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from hiwin_jax.models.layers import (Linear, Precision, RMSNorm, checkpoint_name, normal_init,
-                                     param, scan_layers, stack_layers)
+                                     param, scaled, scan_layers, stack_layers)
 from hiwin_jax.parallel import sharding
 from hiwin_jax.parallel.sharding import constrain
 
@@ -129,7 +129,9 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
                         in_axes=(0, 0, 0, None))
     return lambda qh, k, v, seg: jax.vmap(per_head)(qh, k, v, sa.SegmentIds(seg, seg))
 
-  out = jax.lax.platform_dependent(qh, k, v, segment_ids, tpu=run(False), default=run(True))
+  # Interpreted on the CPU only (tests, AOT checks): on a GPU, Pallas interpret mode would be a
+  # silent, very slow fallback, so lowering for one fails (and LlamaModel refuses it up front).
+  out = jax.lax.platform_dependent(qh, k, v, segment_ids, tpu=run(False), cpu=run(True))
   return out.transpose(0, 3, 1, 2, 4)[:, :s]
 
 
@@ -137,8 +139,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      segment_ids: jax.Array) -> jax.Array:
   """Causal attention with the Pallas TPU splash kernel
   (`jax.experimental.pallas.ops.tpu.splash_attention`, what MaxText uses on TPU): no [S, S]
-  score matrix in HBM, fully masked blocks skipped. Lowered for another platform than TPU it runs
-  in interpret mode (tests, CPU).
+  score matrix in HBM, fully masked blocks skipped. Lowered for the CPU it runs in interpret mode
+  (tests); there is no GPU lowering.
 
   q: [B, S, H, D], k/v: [B, KVH, S, D] (GQA: query head h uses kv head h // (H / KVH)),
   segment_ids [B, S] int32 (1 = real token, 0 = padding: padding keys are never attended; rows
@@ -150,7 +152,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   b, s, h, d = q.shape
   kvh = k.shape[1]
-  qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, s, kvh, h // kvh, d)
+  qg = scaled(q, d ** -0.5).reshape(b, s, kvh, h // kvh, d)
   segment_ids = segment_ids.astype(jnp.int32)
   batch_axes = sharding.mesh_axes("batch", b)
   head_axes = sharding.mesh_axes("kv_heads", kvh)
@@ -280,6 +282,9 @@ class LlamaModel(nnx.Module):
       raise ValueError(f"llm arch {cfg.arch!r} is not supported; choose 'llama' or 'qwen2'")
     if cfg.attention not in ATTENTIONS:
       raise ValueError(f"unknown llm attention {cfg.attention!r}; choose one of {ATTENTIONS}")
+    if cfg.attention == "splash" and jax.default_backend() == "gpu":
+      raise ValueError("llm attention='splash' is the Pallas TPU kernel and has no GPU lowering; "
+                       "set model.llm.attention='cudnn' or 'xla'")
     self.precision = precision
     self.num_layers, self.num_kv_heads, self.head_dim = (cfg.num_layers, cfg.num_kv_heads,
                                                          cfg.head_dim)

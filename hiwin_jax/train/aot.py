@@ -288,14 +288,12 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
   log(f"lowered in {t1 - t0:.1f} s; compiling for {topo.libtpu_name} ...")
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost["flops"]) if cost and cost.get("flops") else None
   return AotResult(
       topo, dict(mesh.shape), cfg.model.llm.attention,
       {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
       batch, int(abstract_batch["input_ids"].shape[1]), seq, slices,
-      MemoryReport.from_compiled(compiled), trainer.flops(host), xla_flops,
+      MemoryReport.from_compiled(compiled), trainer.flops(host),
+      CostReport.from_compiled(compiled).flops,
       trainer.num_trainable, trainer.num_frozen, t1 - t0, t2 - t1)
 
 
@@ -330,28 +328,19 @@ def compile_jbu(topology: str, impl: str, backward: bool, *, items: int = 7, gri
   [items, grid, grid, channels] in `dtype`, pixels [items, 14 grid, 14 grid, 3] float32,
   parameters float32; forward = feat4x; backward = the gradients of sum(feat4x^2) w.r.t. every
   JBU parameter and the source."""
-  from flax import nnx
-
-  from hiwin_jax.models.jbu import JBUStack
+  from hiwin_jax.models.jbu import stack4x_programs
   from hiwin_jax.models.layers import DTYPES, Precision
   topo = parse_topology(topology)
   device = jax.sharding.SingleDeviceSharding(abstract_devices(topo)[0])
   precision = Precision(dtype=DTYPES[dtype], param_dtype=jnp.float32)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: JBUStack(
-      channels, precision=precision, conv_impl=impl, rngs=nnx.Rngs(0))))
+  forward, grad, state = stack4x_programs(channels, precision=precision, conv_impl=impl,
+                                          abstract=True)
   on_chip = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
   state = jax.tree.map(on_chip, state)
   source = on_chip(jax.ShapeDtypeStruct((items, grid, grid, channels), precision.dtype))
   pixels = on_chip(jax.ShapeDtypeStruct((items, PATCH_SIZE * grid, PATCH_SIZE * grid, 3),
                                         jnp.float32))
-
-  def forward(state, source, pixels):
-    return nnx.merge(graphdef, state)(source, pixels)["feat4x"]
-
-  fn = forward
-  if backward:
-    fn = jax.grad(lambda st, x, px: jnp.sum(forward(st, x, px).astype(jnp.float32) ** 2),
-                  argnums=(0, 1))
+  fn = grad if backward else forward
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(state, source, pixels).compile()
   return JbuResult(topo.chip.prefix, impl, backward, MemoryReport.from_compiled(compiled),
