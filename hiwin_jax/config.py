@@ -420,6 +420,7 @@ def _field_rules() -> list[tuple[str, tuple]]:
   from hiwin_jax.data.conversation import TEMPLATES
   from hiwin_jax.kernels.adaptive_conv import IMPLS
   from hiwin_jax.models.layers import PRECISIONS, REMAT_POLICIES
+  from hiwin_jax.models.llama import ATTENTIONS
   rules = [(f"model.vision.{f}", _POSITIVE) for f in (
       "image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads",
       "mlp_dim")]
@@ -433,7 +434,7 @@ def _field_rules() -> list[tuple[str, tuple]]:
       ("model.vision.remat", (_one_of(*REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}")),
       ("model.llm.remat", (_one_of(*REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}")),
       ("model.llm.arch", (_one_of("llama", "qwen2"), "llama or qwen2")),
-      ("model.llm.attention", (_one_of("xla", "cudnn"), "xla or cudnn")),
+      ("model.llm.attention", (_one_of(*ATTENTIONS), f"one of {', '.join(ATTENTIONS)}")),
       ("model.llm.rms_norm_eps", _POSITIVE_NUMBER),
       ("model.llm.rope_theta", _POSITIVE_NUMBER),
       ("model.projector.grid_size", _POSITIVE),

@@ -445,6 +445,17 @@ def test_a_bad_override_is_one_line_naming_the_flag(case, tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("attention", ["xla", "cudnn", "splash"])
+def test_every_llm_attention_the_model_has_is_a_valid_override(attention):
+  cfg = config.load_config("tiny", [f"--config.model.llm.attention={attention}"])
+  assert cfg.model.llm.attention == attention
+
+
+def test_an_unknown_llm_attention_names_the_choices():
+  with pytest.raises(config.ConfigError, match="--config.model.llm.attention=flash.*splash"):
+    config.load_config("tiny", ["--config.model.llm.attention=flash"])
+
+
 GENERATE_FLAGS = {
     "zero_beams": (["--num-beams", "0"], ["--num-beams", "expected an integer >= 1"]),
     "top_p_above_one": (["--top-p", "7"], ["--top-p", "a number in (0, 1]"]),
