@@ -545,8 +545,7 @@ def _quiet_start() -> None:
 
 
 def _one_line(e: BaseException) -> str:
-  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-  return " ".join(str(text).split()) or type(e).__name__
+  return " ".join(str(e).split()) or type(e).__name__
 
 
 HANDLERS = {"demo": _demo, "train": _train, "convert": _convert, "data": _data,
@@ -576,9 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:  # every error ends here as one line, unless --debug
     if debug:
       raise
-    if isinstance(e, (ValueError, OSError, KeyError)):
+    if isinstance(e, (ValueError, OSError)):
       # The project's errors for bad input are ValueErrors (config, checkpoint, image, data,
-      # request errors) and OSErrors (files and folders); KeyError: a key a file lacks.
+      # request errors) and OSErrors (files and folders); a bare KeyError is a bug.
       print(f"hiwin {args.command}: error: {_one_line(e)}", file=sys.stderr)
       return 2
     print(f"hiwin {args.command}: internal error: {type(e).__name__}: {_one_line(e)} (rerun "

@@ -560,6 +560,29 @@ def test_a_bug_is_reported_as_an_internal_error_in_one_line(capsys, monkeypatch)
                   status=1)
 
 
+def test_a_key_error_is_a_bug_not_a_user_error(capsys, monkeypatch):
+  def broken(args, overrides):
+    return {}["x"]
+  monkeypatch.setitem(cli.HANDLERS, "aot", broken)
+  code, err = run(["aot"], capsys)
+  assert_one_line(code, err, "internal error: KeyError: 'x'", "--debug", status=1)
+
+
+def test_an_unknown_config_key_is_still_a_user_error(tmp_path, capsys):
+  code, err = run([*TRAIN, "--out", tmp_path / "run", "--config.train.nope=1"], capsys)
+  assert_one_line(code, err, "hiwin train: error:", "no config key 'train.nope'")
+
+
+def test_parameters_that_do_not_fit_the_model_are_a_checkpoint_error():
+  from flax import nnx
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(weights.CheckpointError, match="does not have.*'extra'"):
+    weights.load_params(model, {"kernel": np.zeros((2, 3)), "bias": np.zeros(3),
+                                "extra": np.zeros(1)})
+  with pytest.raises(weights.CheckpointError, match="1 parameters of the model are not given"):
+    weights.load_params(model, {"kernel": np.zeros((2, 3))})
+
+
 def test_a_malformed_question_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
   def no_model(*args, **kwargs):
     raise AssertionError("the model was loaded before the question file was read")
