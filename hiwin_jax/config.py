@@ -186,8 +186,8 @@ def data_config() -> ConfigDict:
       "cache_dir": "",             # metadata cache (share it between hosts to split the pass);
                                    # "" = the prepared dataset's cache/ (array_record) or none
       "metadata_workers": 0,       # processes of the metadata pass on each host; 0 = all cores
-      "max_image_pixels": 150_000_000,  # = data.image.MAX_IMAGE_PIXELS: images declaring more
-                                        # pixels are refused, not decoded
+      "max_image_pixels": 150_000_000,  # data.image.MAX_IMAGE_PIXELS (a test keeps them equal):
+                                        # images declaring more pixels are refused, not decoded
       "epochs": 1,
   })
 

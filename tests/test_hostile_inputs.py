@@ -476,6 +476,30 @@ def test_an_invalid_generate_flag_is_one_line(case, tmp_path, capsys):
   assert_one_line(e.value.code, err, "hiwin generate: error:", *words)
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--max-pixels", "0"], ["--max-pixels", "expected an integer >= 1, got '0'"]),
+    (["--max-pixels", "-5"], ["--max-pixels", "expected an integer >= 1"]),
+    (["--workers", "-1"], ["--workers", "expected an integer >= 0, got '-1'"]),
+], ids=["zero_pixels", "negative_pixels", "negative_workers"])
+def test_an_invalid_data_build_flag_is_one_line(flags, words, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["data", "build", "--json", str(tmp_path / "a.json"), "--images", str(tmp_path),
+              "--out", str(tmp_path / "out"), *flags])
+  assert_one_line(e.value.code, capsys.readouterr().err.strip(), "hiwin data: error:", *words)
+  assert not (tmp_path / "out").exists()
+
+
+def test_the_pixel_budget_has_one_default(capsys):
+  from hiwin_jax.data import image
+  args = cli.build_parser().parse_args(["data", "build", "--json", "a", "--images", "b", "--out",
+                                        "c"])
+  assert args.max_pixels == image.MAX_IMAGE_PIXELS
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["data", "--help"])
+  assert f"{image.MAX_IMAGE_PIXELS:,}" in capsys.readouterr().out
+  assert config.load_config("tiny_stage1").data.max_image_pixels == image.MAX_IMAGE_PIXELS
+
+
 def test_an_unknown_topology_is_one_line(capsys):
   code, err = run(["aot", "--config", "tiny_stage2", "--topology", "v9z-8"], capsys)
   assert_one_line(code, err, "unknown TPU topology 'v9z-8'")
