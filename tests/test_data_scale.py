@@ -447,3 +447,22 @@ def test_the_epochs_training_pre_resize_equals_the_per_record_rule(small):
     assert (draws < 1).sum() > 30
     np.testing.assert_array_equal(ep.draw, draws)
     np.testing.assert_array_equal(ep.length, length)
+
+
+def test_a_prepared_dataset_whose_cache_cannot_be_written_is_not_cached(tmp_path, caplog,
+                                                                       monkeypatch):
+  import subprocess
+  cache = tmp_path / "prepared" / "cache"
+  cache.mkdir(parents=True)
+  # os.access answers for the local user, not for the server (root on a root-squashed NFS
+  # mount is told yes): only a write tells.
+  monkeypatch.setattr(os, "access", lambda *a, **k: True)
+  root = os.geteuid() == 0  # as root, permission bits do not stop writes: chattr
+  subprocess.run(["chattr", "+i", str(cache)], check=True) if root else cache.chmod(0o555)
+  try:
+    d = ml_collections.ConfigDict(dict(cache_dir="", format="array_record",
+                                       array_record_dir=str(tmp_path / "prepared")))
+    assert loader.cache_dir(d) is None
+  finally:
+    subprocess.run(["chattr", "-i", str(cache)], check=True) if root else cache.chmod(0o755)
+  assert "cannot be written" in caplog.text and list(cache.iterdir()) == []
