@@ -128,8 +128,9 @@ def _writable_parent(dest: pathlib.Path, flag: str) -> None:
 
 def _temp_sibling(dest: pathlib.Path, tag: str, shared: bool) -> pathlib.Path:
   # Processes of one multi-process run write into the same folder, so its name cannot contain a
-  # process id; the run lock makes it unique to the run.
-  suffix = "" if shared else f"-{os.getpid()}"
+  # process id; the run lock makes it unique to the run. Otherwise the host name and the pid:
+  # containers on hosts sharing the folder reuse pids.
+  suffix = "" if shared else f"-{socket.gethostname()}-{os.getpid()}"
   return dest.parent / f".{dest.name}.{tag}{suffix}"
 
 

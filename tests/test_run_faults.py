@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,6 +184,56 @@ def test_a_non_empty_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
   with pytest.raises(outputs.OutputError, match="not a hiwin run folder.*notes.txt"):
     loop.run(CounterTask(), out)
   assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_temporary_names_are_unique_to_the_host_and_the_process(tmp_path, monkeypatch):
+  seen = []
+  real_open = open
+
+  def spy(path, *args, **kwargs):
+    seen.append(pathlib.Path(path).name)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", spy)
+  with outputs.atomic_file(tmp_path / "a.txt") as f:
+    f.write("x")
+  monkeypatch.undo()
+  assert seen and seen[0].endswith(f"-{socket.gethostname()}-{os.getpid()}"), seen
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+class WriteFails(Exception):
+  pass
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "npy", "bytes"])
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(writer, tmp_path,
+                                                                         monkeypatch):
+  from hiwin_jax.convert import safetensors_io
+  from hiwin_jax.data import npy_files
+  path = tmp_path / "out.bin"
+  path.write_bytes(b"old")
+
+  class Unsaveable:  # np.save writes the header, then fails on the data
+    def __array__(self, *a, **k):
+      raise WriteFails
+
+  def fsync_fails(fd):
+    raise WriteFails
+
+  if writer == "safetensors":
+    monkeypatch.setattr(os, "fsync", fsync_fails)  # after every byte went to the temporary
+    write = lambda: safetensors_io.write_safetensors(path, [("a", np.zeros(3, np.float32))])
+  elif writer == "npy":
+    write = lambda: npy_files.save_atomic(path, Unsaveable())
+  else:
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    write = lambda: npy_files.write_atomic(path, b"new")
+  with pytest.raises(WriteFails):
+    write()
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+  assert path.read_bytes() == b"old"
 
 
 # --- a save that fails ------------------------------------------------------------------------
