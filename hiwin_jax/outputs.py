@@ -224,12 +224,11 @@ def _fsync_dir(folder: pathlib.Path) -> None:
 
 # --- checksums --------------------------------------------------------------------------------
 
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", **kw) -> str:
+  """Hex digest of a file's content, read in chunks; `kw` go to the hash (`digest_size` for
+  blake2b). The hash releases the GIL: files hash in parallel threads."""
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)  # releases the GIL: files hash in parallel threads
-  return h.hexdigest()
+    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, **kw)).hexdigest()
 
 
 def _files(folder: pathlib.Path, include: Sequence[str] | None) -> list[str]:
@@ -241,7 +240,7 @@ def _files(folder: pathlib.Path, include: Sequence[str] | None) -> list[str]:
 
 def _hash_all(folder: pathlib.Path, names: Sequence[str]) -> list[str]:
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    return list(pool.map(lambda n: _sha256(folder / n), names))
+    return list(pool.map(lambda n: file_digest(folder / n), names))
 
 
 def record_checksums(folder: str | os.PathLike, include: Sequence[str] | None = None) -> None:

@@ -236,6 +236,17 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(writer
   assert path.read_bytes() == b"old"
 
 
+def test_one_file_digest_for_checksums_and_the_data_cache(tmp_path):
+  import hashlib
+  data = bytes(range(256)) * 5000  # spans several read chunks
+  (tmp_path / "f").write_bytes(data)
+  assert outputs.file_digest(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+  assert (outputs.file_digest(tmp_path / "f", "blake2b", digest_size=20)
+          == hashlib.blake2b(data, digest_size=20).hexdigest())
+  outputs.record_checksums(tmp_path, ["f"])
+  assert hashlib.sha256(data).hexdigest() in (tmp_path / outputs.CHECKSUMS_NAME).read_text()
+
+
 # --- a save that fails ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("async_save", [True, False])
