@@ -335,8 +335,12 @@ class RunLock:
       return
     _HELD.pop(self.folder, None)
     if self._fd is not None:
-      # The file stays (unlinking a flocked file races with a process opening it); its content
-      # no longer matters once the flock is gone.
+      # The file stays (unlinking a flocked file races with a process opening it); emptied, so
+      # that where there is no flock the record does not block the next run.
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError as e:
+        log.warning("could not clear %s: %s", self.path, e.strerror or e)
       os.close(self._fd)
       self._fd = None
 
@@ -346,17 +350,48 @@ class RunLock:
   def __exit__(self, *exc) -> None:
     self.release()
 
-  def _holder(self) -> dict:
+  def _holder(self) -> dict | None:
+    """The recorded holder: {} for an empty file (no holder), None for one that is unreadable
+    or garbled (no dict naming a positive integer pid)."""
     try:
-      return json.loads(self.path.read_text(encoding="utf-8"))
+      text = self.path.read_text(encoding="utf-8")
+      if not text.strip():
+        return {}
+      holder = json.loads(text)
     except (OSError, ValueError):
-      return {}
+      return None
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+      return None  # (os.kill(0, 0) would signal our own process group: "alive")
+    return holder
 
-  def _refuse(self, holder: dict) -> OutputError:
+  def _refuse(self, holder: dict | None, *, unchecked: bool = False) -> OutputError:
     who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
            f"{holder.get('started', '?')}" if holder else "another process")
+    hint = (f"; if no run uses it, remove {self.path}" if unchecked else "")
     return OutputError(f"--out {self.folder}: in use by another run ({who}); wait for it to "
-                       f"finish or choose another folder")
+                       f"finish or choose another folder{hint}")
+
+  def _lock(self, fd: int) -> dict | None:
+    """Takes the flock on `fd` or raises the refusal. Where the file system has no flock, the
+    record decides: no holder, or a holder of this host whose pid is gone (returned: stale),
+    may be taken over; a garbled record or another host's (its pid cannot be checked from
+    here) is refused."""
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return None
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+        raise self._refuse(self._holder()) from None
+    holder = self._holder()
+    if holder == {}:
+      return None
+    if holder is None:
+      raise OutputError(f"--out {self.folder}: {self.path} is not a lock record this version "
+                        f"wrote; if no run uses the folder, remove {self.path}")
+    if holder.get("host") == socket.gethostname() and not _alive(holder["pid"]):
+      return holder
+    raise self._refuse(holder, unchecked=True)
 
   def _take(self) -> None:
     try:
@@ -365,19 +400,12 @@ class RunLock:
     except OSError as e:
       raise OutputError(f"--out {self.folder}: cannot write there: {e.strerror or e}") from None
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-        os.close(fd)
-        raise self._refuse(self._holder()) from None
-      # No flock on this file system: the recorded pid and host decide.
-      holder = self._holder()
-      mine = holder.get("host") == socket.gethostname()
-      if holder and not (mine and not _alive(int(holder.get("pid", 0)))):
-        os.close(fd)
-        raise self._refuse(holder) from None
-      if holder:
-        log.warning("taking over the stale lock of pid %s in %s", holder.get("pid"), self.path)
+      stale = self._lock(fd)
+    except OutputError:
+      os.close(fd)
+      raise
+    if stale:
+      log.warning("taking over the stale lock of pid %s in %s", stale["pid"], self.path)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": " ".join(sys.argv)}
@@ -410,10 +438,7 @@ def check_run_folder(folder: str | os.PathLike) -> pathlib.Path:
     except OSError:
       return folder
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-        raise lock._refuse(lock._holder()) from None
+      lock._lock(fd)  # closing the file drops a flock it took
     finally:
       os.close(fd)
   return folder

@@ -8,6 +8,7 @@ after N steps, however interrupted, the vector holds 1 + 2 + ... + N.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -173,8 +174,59 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
                         capture_output=True, text=True, check=True)
   (out / outputs.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": "x"}))
   assert loop.run(CounterTask(), out)["stopped_at"] is None
-  holder = json.loads((out / outputs.LOCK_NAME).read_text())
-  assert holder["pid"] == os.getpid()
+  # The run recorded itself over the dead one, and cleared its record when it finished.
+  assert (out / outputs.LOCK_NAME).read_text() == ""
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+  """A file system without flock (some network mounts): the lock record decides."""
+  def flock(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(outputs.fcntl, "flock", flock)
+
+
+def test_without_flock_a_finished_run_does_not_block_the_next(tmp_path, no_flock):
+  with outputs.claim_run_folder(tmp_path / "run"):
+    with pytest.raises(outputs.OutputError, match="in use by another run"):
+      outputs.RunLock(tmp_path / "run")._take()  # another process's view
+  assert (tmp_path / "run" / outputs.LOCK_NAME).read_text() == ""
+  outputs.check_run_folder(tmp_path / "run")
+  with outputs.claim_run_folder(tmp_path / "run") as lock:
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("record", [
+    "[1, 2]", "not json", '"pid"', '{{"host": "{host}"}}', '{{"pid": 0, "host": "{host}"}}',
+    '{{"pid": -1, "host": "{host}"}}', '{{"pid": "12", "host": "{host}"}}',
+    '{{"pid": true, "host": "{host}"}}'],
+    ids=["list", "not_json", "string", "no_pid", "pid_0", "pid_negative", "pid_text", "pid_bool"])
+def test_without_flock_a_garbled_lock_is_refused_saying_to_remove_it(record, tmp_path, no_flock):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / outputs.LOCK_NAME).write_text(record.format(host=socket.gethostname()))
+  for claim in (outputs.check_run_folder, outputs.claim_run_folder):
+    with pytest.raises(outputs.OutputError) as e:
+      claim(run)
+    assert "\n" not in str(e.value) and f"remove {run / outputs.LOCK_NAME}" in str(e.value)
+
+
+def test_without_flock_the_record_decides_who_holds_the_folder(tmp_path, no_flock):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  run = tmp_path / "run"
+  run.mkdir()
+  lock = run / outputs.LOCK_NAME
+  lock.write_text(json.dumps({"pid": os.getppid(), "host": "elsewhere"}))
+  with pytest.raises(outputs.OutputError, match="host elsewhere.*if no run uses it, remove"):
+    outputs.check_run_folder(run)
+  lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+  with pytest.raises(outputs.OutputError, match=f"pid {os.getppid()} "):
+    outputs.claim_run_folder(run)
+  lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+  outputs.check_run_folder(run)
+  with outputs.claim_run_folder(run):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
 def test_a_non_empty_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
