@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import socket
 import sys
@@ -144,12 +145,14 @@ def atomic_folder(dest: str | os.PathLike, kind: OutputKind, *, overwrite: bool 
 
   Multi-process writers (orbax saves from every process) pass `primary` (process 0 prepares and
   commits) and `barrier` (called with a name; every process waits there), and all get the same
-  temporary folder.
+  temporary folder. What a killed writer of this host left beside `dest` is cleaned up first
+  (`_clean_after_killed_writers`).
   """
   dest = pathlib.Path(os.path.abspath(dest))
   shared = barrier is not None
   tmp = _temp_sibling(dest, "partial", shared)
   if primary:
+    _clean_after_killed_writers(dest)
     check_destination(dest, kind, overwrite=overwrite, flag=flag)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
     tmp.mkdir()
@@ -167,6 +170,34 @@ def atomic_folder(dest: str | os.PathLike, kind: OutputKind, *, overwrite: bool 
     _replace(tmp, dest, kind, overwrite, flag)
   if barrier is not None:
     barrier(f"atomic_folder:done:{dest}")
+
+
+def _clean_after_killed_writers(dest: pathlib.Path) -> None:
+  """Removes the temporary siblings of `dest` that a writer of this host, now dead, left (its
+  pid is in their names); if one was killed between its two renames (`dest` missing, its
+  `.old-` sibling there), renames the old folder back first."""
+  host = socket.gethostname()
+  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)")
+  try:
+    names = sorted(os.listdir(dest.parent))
+  except OSError:
+    return  # a parent that is missing or unreadable is reported by check_destination
+  for name in names:
+    match = pattern.fullmatch(name)
+    pid = int(match[2]) if match else 0
+    if pid <= 0 or _alive(pid):
+      continue
+    left = dest.parent / name
+    if match[1] == "old" and not os.path.lexists(dest):
+      log.warning("restoring %s from %s (its writer, pid %d, died while replacing it)", dest,
+                  left, pid)
+      os.rename(left, dest)
+      continue
+    log.warning("removing %s (left by pid %d, which died while writing)", left, pid)
+    if left.is_dir() and not left.is_symlink():
+      shutil.rmtree(left, ignore_errors=True)
+    else:
+      left.unlink(missing_ok=True)
 
 
 def _replace(tmp: pathlib.Path, dest: pathlib.Path, kind: OutputKind, overwrite: bool,

@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import struct
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -385,6 +386,41 @@ def test_a_writer_that_fails_leaves_the_old_folder_and_no_temporary(tmp_path):
       raise RuntimeError("disk died")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
   assert (out / "config.json").read_text() == "old"
+
+
+def _dead_pid() -> int:
+  return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True).stdout)
+
+
+def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
+  import socket
+  host, dead = socket.gethostname(), _dead_pid()
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "config.json").write_text("old")
+  left = {f".out.partial-{host}-{dead}", f".out.old-{host}-{dead}"}
+  kept = {f".out.partial-{host}-{os.getppid()}", f".out.partial-elsewhere-{dead}",
+          f".other.partial-{host}-{dead}"}  # a live writer, another host's, another output's
+  for name in left | kept:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text("x")
+  with outputs.atomic_folder(out, outputs.MODEL_FOLDER, overwrite=True) as tmp:
+    (tmp / "config.json").write_text("new")
+  assert {p.name for p in tmp_path.iterdir()} == kept | {"out"}
+  assert (out / "config.json").read_text() == "new"
+
+
+def test_a_writer_killed_between_its_renames_leaves_the_old_folder_restored(tmp_path):
+  import socket
+  old = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}"
+  old.mkdir()
+  (old / "config.json").write_text("old")
+  with pytest.raises(RuntimeError, match="disk died"):
+    with outputs.atomic_folder(tmp_path / "out", outputs.MODEL_FOLDER, overwrite=True):
+      raise RuntimeError("disk died")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  assert (tmp_path / "out" / "config.json").read_text() == "old"
 
 
 def test_exporting_over_an_older_model_leaves_what_transformers_loads_as_the_new_one(tmp_path):
