@@ -94,6 +94,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from hiwin_jax.data import image
   parser = _Parser(
       prog="hiwin", description="LLaVA-UHD v2 in JAX: demo, training, weight conversion.",
       epilog="Config overrides: --config.model.llm.num_layers=2 (any subcommand with --config). "
@@ -163,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--out", required=True, help="output folder")
   data.add_argument("--overwrite", action="store_true",
                     help="replace --out if it holds an earlier prepared dataset")
-  data.add_argument("--max-pixels", type=int, default=None,
+  data.add_argument("--max-pixels", type=_int_at_least(1), default=image.MAX_IMAGE_PIXELS,
                     help="pixel budget: images whose header declares more are not stored "
-                         "(default: 150,000,000)")
-  data.add_argument("--workers", type=int, default=0, help="processes (default 0: one per core)")
+                         f"(default: {image.MAX_IMAGE_PIXELS:,})")
+  data.add_argument("--workers", type=_int_at_least(0), default=0,
+                    help="processes (default 0: one per core)")
 
   gen = sub.add_parser(
       "generate", help="answer a question about one or more images",
@@ -504,9 +506,9 @@ def _data(args, overrides) -> int:
     raise UsageError(f"hiwin data takes no --config overrides (got {overrides[0]})")
   _require(args.json, "--json", "file")
   _require(args.images, "--images")
-  from hiwin_jax.data import array_record, image
+  from hiwin_jax.data import array_record
   out = array_record.build(args.json, args.images, args.out, overwrite=args.overwrite,
-                           max_pixels=args.max_pixels or image.MAX_IMAGE_PIXELS,
+                           max_pixels=args.max_pixels,
                            workers=args.workers)
   manifest = array_record.read_manifest(out)
   logging.getLogger("hiwin").info(
@@ -545,8 +547,7 @@ def _quiet_start() -> None:
 
 
 def _one_line(e: BaseException) -> str:
-  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-  return " ".join(str(text).split()) or type(e).__name__
+  return " ".join(str(e).split()) or type(e).__name__
 
 
 HANDLERS = {"demo": _demo, "train": _train, "convert": _convert, "data": _data,
@@ -576,9 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:  # every error ends here as one line, unless --debug
     if debug:
       raise
-    if isinstance(e, (ValueError, OSError, KeyError)):
+    if isinstance(e, (ValueError, OSError)):
       # The project's errors for bad input are ValueErrors (config, checkpoint, image, data,
-      # request errors) and OSErrors (files and folders); KeyError: a key a file lacks.
+      # request errors) and OSErrors (files and folders); a bare KeyError is a bug.
       print(f"hiwin {args.command}: error: {_one_line(e)}", file=sys.stderr)
       return 2
     print(f"hiwin {args.command}: internal error: {type(e).__name__}: {_one_line(e)} (rerun "

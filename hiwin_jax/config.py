@@ -186,8 +186,8 @@ def data_config() -> ConfigDict:
       "cache_dir": "",             # metadata cache (share it between hosts to split the pass);
                                    # "" = the prepared dataset's cache/ (array_record) or none
       "metadata_workers": 0,       # processes of the metadata pass on each host; 0 = all cores
-      "max_image_pixels": 150_000_000,  # = data.image.MAX_IMAGE_PIXELS: images declaring more
-                                        # pixels are refused, not decoded
+      "max_image_pixels": 150_000_000,  # data.image.MAX_IMAGE_PIXELS (a test keeps them equal):
+                                        # images declaring more pixels are refused, not decoded
       "epochs": 1,
   })
 
@@ -420,6 +420,7 @@ def _field_rules() -> list[tuple[str, tuple]]:
   from hiwin_jax.data.conversation import TEMPLATES
   from hiwin_jax.kernels.adaptive_conv import IMPLS
   from hiwin_jax.models.layers import PRECISIONS, REMAT_POLICIES
+  from hiwin_jax.models.llama import ATTENTIONS
   rules = [(f"model.vision.{f}", _POSITIVE) for f in (
       "image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads",
       "mlp_dim")]
@@ -433,7 +434,7 @@ def _field_rules() -> list[tuple[str, tuple]]:
       ("model.vision.remat", (_one_of(*REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}")),
       ("model.llm.remat", (_one_of(*REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}")),
       ("model.llm.arch", (_one_of("llama", "qwen2"), "llama or qwen2")),
-      ("model.llm.attention", (_one_of("xla", "cudnn"), "xla or cudnn")),
+      ("model.llm.attention", (_one_of(*ATTENTIONS), f"one of {', '.join(ATTENTIONS)}")),
       ("model.llm.rms_norm_eps", _POSITIVE_NUMBER),
       ("model.llm.rope_theta", _POSITIVE_NUMBER),
       ("model.projector.grid_size", _POSITIVE),

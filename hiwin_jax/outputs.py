@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import socket
 import sys
@@ -128,8 +129,9 @@ def _writable_parent(dest: pathlib.Path, flag: str) -> None:
 
 def _temp_sibling(dest: pathlib.Path, tag: str, shared: bool) -> pathlib.Path:
   # Processes of one multi-process run write into the same folder, so its name cannot contain a
-  # process id; the run lock makes it unique to the run.
-  suffix = "" if shared else f"-{os.getpid()}"
+  # process id; the run lock makes it unique to the run. Otherwise the host name and the pid:
+  # containers on hosts sharing the folder reuse pids.
+  suffix = "" if shared else f"-{socket.gethostname()}-{os.getpid()}"
   return dest.parent / f".{dest.name}.{tag}{suffix}"
 
 
@@ -143,12 +145,14 @@ def atomic_folder(dest: str | os.PathLike, kind: OutputKind, *, overwrite: bool 
 
   Multi-process writers (orbax saves from every process) pass `primary` (process 0 prepares and
   commits) and `barrier` (called with a name; every process waits there), and all get the same
-  temporary folder.
+  temporary folder. What a killed writer of this host left beside `dest` is cleaned up first
+  (`_clean_after_killed_writers`).
   """
   dest = pathlib.Path(os.path.abspath(dest))
   shared = barrier is not None
   tmp = _temp_sibling(dest, "partial", shared)
   if primary:
+    _clean_after_killed_writers(dest)
     check_destination(dest, kind, overwrite=overwrite, flag=flag)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
     tmp.mkdir()
@@ -166,6 +170,34 @@ def atomic_folder(dest: str | os.PathLike, kind: OutputKind, *, overwrite: bool 
     _replace(tmp, dest, kind, overwrite, flag)
   if barrier is not None:
     barrier(f"atomic_folder:done:{dest}")
+
+
+def _clean_after_killed_writers(dest: pathlib.Path) -> None:
+  """Removes the temporary siblings of `dest` that a writer of this host, now dead, left (its
+  pid is in their names); if one was killed between its two renames (`dest` missing, its
+  `.old-` sibling there), renames the old folder back first."""
+  host = socket.gethostname()
+  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)")
+  try:
+    names = sorted(os.listdir(dest.parent))
+  except OSError:
+    return  # a parent that is missing or unreadable is reported by check_destination
+  for name in names:
+    match = pattern.fullmatch(name)
+    pid = int(match[2]) if match else 0
+    if pid <= 0 or _alive(pid):
+      continue
+    left = dest.parent / name
+    if match[1] == "old" and not os.path.lexists(dest):
+      log.warning("restoring %s from %s (its writer, pid %d, died while replacing it)", dest,
+                  left, pid)
+      os.rename(left, dest)
+      continue
+    log.warning("removing %s (left by pid %d, which died while writing)", left, pid)
+    if left.is_dir() and not left.is_symlink():
+      shutil.rmtree(left, ignore_errors=True)
+    else:
+      left.unlink(missing_ok=True)
 
 
 def _replace(tmp: pathlib.Path, dest: pathlib.Path, kind: OutputKind, overwrite: bool,
@@ -223,12 +255,11 @@ def _fsync_dir(folder: pathlib.Path) -> None:
 
 # --- checksums --------------------------------------------------------------------------------
 
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", **kw) -> str:
+  """Hex digest of a file's content, read in chunks; `kw` go to the hash (`digest_size` for
+  blake2b). The hash releases the GIL: files hash in parallel threads."""
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)  # releases the GIL: files hash in parallel threads
-  return h.hexdigest()
+    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, **kw)).hexdigest()
 
 
 def _files(folder: pathlib.Path, include: Sequence[str] | None) -> list[str]:
@@ -240,7 +271,7 @@ def _files(folder: pathlib.Path, include: Sequence[str] | None) -> list[str]:
 
 def _hash_all(folder: pathlib.Path, names: Sequence[str]) -> list[str]:
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    return list(pool.map(lambda n: _sha256(folder / n), names))
+    return list(pool.map(lambda n: file_digest(folder / n), names))
 
 
 def record_checksums(folder: str | os.PathLike, include: Sequence[str] | None = None) -> None:
@@ -335,8 +366,12 @@ class RunLock:
       return
     _HELD.pop(self.folder, None)
     if self._fd is not None:
-      # The file stays (unlinking a flocked file races with a process opening it); its content
-      # no longer matters once the flock is gone.
+      # The file stays (unlinking a flocked file races with a process opening it); emptied, so
+      # that where there is no flock the record does not block the next run.
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError as e:
+        log.warning("could not clear %s: %s", self.path, e.strerror or e)
       os.close(self._fd)
       self._fd = None
 
@@ -346,17 +381,48 @@ class RunLock:
   def __exit__(self, *exc) -> None:
     self.release()
 
-  def _holder(self) -> dict:
+  def _holder(self) -> dict | None:
+    """The recorded holder: {} for an empty file (no holder), None for one that is unreadable
+    or garbled (no dict naming a positive integer pid)."""
     try:
-      return json.loads(self.path.read_text(encoding="utf-8"))
+      text = self.path.read_text(encoding="utf-8")
+      if not text.strip():
+        return {}
+      holder = json.loads(text)
     except (OSError, ValueError):
-      return {}
+      return None
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+      return None  # (os.kill(0, 0) would signal our own process group: "alive")
+    return holder
 
-  def _refuse(self, holder: dict) -> OutputError:
+  def _refuse(self, holder: dict | None, *, unchecked: bool = False) -> OutputError:
     who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
            f"{holder.get('started', '?')}" if holder else "another process")
+    hint = (f"; if no run uses it, remove {self.path}" if unchecked else "")
     return OutputError(f"--out {self.folder}: in use by another run ({who}); wait for it to "
-                       f"finish or choose another folder")
+                       f"finish or choose another folder{hint}")
+
+  def _lock(self, fd: int) -> dict | None:
+    """Takes the flock on `fd` or raises the refusal. Where the file system has no flock, the
+    record decides: no holder, or a holder of this host whose pid is gone (returned: stale),
+    may be taken over; a garbled record or another host's (its pid cannot be checked from
+    here) is refused."""
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return None
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+        raise self._refuse(self._holder()) from None
+    holder = self._holder()
+    if holder == {}:
+      return None
+    if holder is None:
+      raise OutputError(f"--out {self.folder}: {self.path} is not a lock record this version "
+                        f"wrote; if no run uses the folder, remove {self.path}")
+    if holder.get("host") == socket.gethostname() and not _alive(holder["pid"]):
+      return holder
+    raise self._refuse(holder, unchecked=True)
 
   def _take(self) -> None:
     try:
@@ -365,19 +431,12 @@ class RunLock:
     except OSError as e:
       raise OutputError(f"--out {self.folder}: cannot write there: {e.strerror or e}") from None
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-        os.close(fd)
-        raise self._refuse(self._holder()) from None
-      # No flock on this file system: the recorded pid and host decide.
-      holder = self._holder()
-      mine = holder.get("host") == socket.gethostname()
-      if holder and not (mine and not _alive(int(holder.get("pid", 0)))):
-        os.close(fd)
-        raise self._refuse(holder) from None
-      if holder:
-        log.warning("taking over the stale lock of pid %s in %s", holder.get("pid"), self.path)
+      stale = self._lock(fd)
+    except OutputError:
+      os.close(fd)
+      raise
+    if stale:
+      log.warning("taking over the stale lock of pid %s in %s", stale["pid"], self.path)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.datetime.now().isoformat(timespec="seconds"),
           "command": " ".join(sys.argv)}
@@ -410,10 +469,7 @@ def check_run_folder(folder: str | os.PathLike) -> pathlib.Path:
     except OSError:
       return folder
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-        raise lock._refuse(lock._holder()) from None
+      lock._lock(fd)  # closing the file drops a flock it took
     finally:
       os.close(fd)
   return folder

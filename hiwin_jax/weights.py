@@ -77,7 +77,7 @@ def load_params(model, arrays: dict[str, Any], *, partial: bool = False) -> None
   dtype and, for a model placed on a mesh, its sharding.
 
   Every parameter must be named unless `partial` (then the others keep their values); a path
-  the model lacks or a shape that differs is an error. `arrays` is emptied as it goes, so each
+  the model lacks (CheckpointError) or a shape that differs is an error. `arrays` is emptied as it goes, so each
   host array is freed once its parameter holds it: peak memory stays at one copy of the model
   plus one tensor.
   """
@@ -85,10 +85,12 @@ def load_params(model, arrays: dict[str, Any], *, partial: bool = False) -> None
   params = {path_str(p): v for p, v in nnx.to_flat_state(state)}
   unknown = sorted(set(arrays) - set(params))
   if unknown:
-    raise KeyError(f"{len(unknown)} parameter paths the model does not have, e.g. {unknown[:5]}")
+    raise CheckpointError(f"{len(unknown)} parameter paths the model does not have, e.g. "
+                          f"{unknown[:5]}")
   missing = sorted(set(params) - set(arrays))
   if missing and not partial:
-    raise KeyError(f"{len(missing)} parameters of the model are not given, e.g. {missing[:5]}")
+    raise CheckpointError(f"{len(missing)} parameters of the model are not given, e.g. "
+                          f"{missing[:5]}")
   for key in list(arrays):
     var, value = params[key], arrays.pop(key)
     old = var.get_value()

@@ -262,6 +262,28 @@ def test_processes_sharing_the_cache_each_compute_their_share(small, tok, tmp_pa
   assert time.perf_counter() - t0 < 60
 
 
+def test_an_outdated_shard_file_is_not_taken_as_the_other_hosts_work(tok, tmp_path,
+                                                                     monkeypatch):
+  """Process 0 of 2 finds every shard outdated (an image changed): it computes its share and
+  waits for process 1 to rewrite the others, which are there all along; process 1 stops
+  (its marker ages past ALIVE_S), so process 0 computes them itself, and never merges the
+  outdated ones."""
+  json_path, images = _write(tmp_path / "data", 24)
+  settings = _settings(*_cfgs(json_path, images))
+  source = sources.JsonSource(json_path, images)
+  metadata.scan(source, tok, settings, str(tmp_path), workers=1, shard_records=8)
+  Image.new("RGB", (400, 300)).save(images / "im3.png")  # used by records of every shard
+  folder = tmp_path / f"meta-{metadata.cache_key(source, tok, settings, 8)}"
+  (folder / "process-1-of-2").touch()
+  monkeypatch.setattr(metadata, "ALIVE_S", 2.0)
+  rec = _Recorder(monkeypatch)
+  meta = metadata.scan(source, tok, settings, str(tmp_path), workers=1, process_index=0,
+                       process_count=2, shard_records=8)
+  assert sorted(first for _, first in rec.calls) == [0, 8, 16]
+  users = np.isin(meta.arrays["index"], [i for i in range(24) if i % 7 != 6 and i % 6 == 3])
+  assert users.sum() >= 3 and (meta.arrays["width"][users] == 400).all()
+
+
 # --- the prepared dataset ------------------------------------------------------------------------
 
 def test_the_build_does_not_depend_on_the_worker_count(small, tmp_path):
@@ -447,3 +469,22 @@ def test_the_epochs_training_pre_resize_equals_the_per_record_rule(small):
     assert (draws < 1).sum() > 30
     np.testing.assert_array_equal(ep.draw, draws)
     np.testing.assert_array_equal(ep.length, length)
+
+
+def test_a_prepared_dataset_whose_cache_cannot_be_written_is_not_cached(tmp_path, caplog,
+                                                                       monkeypatch):
+  import subprocess
+  cache = tmp_path / "prepared" / "cache"
+  cache.mkdir(parents=True)
+  # os.access answers for the local user, not for the server (root on a root-squashed NFS
+  # mount is told yes): only a write tells.
+  monkeypatch.setattr(os, "access", lambda *a, **k: True)
+  root = os.geteuid() == 0  # as root, permission bits do not stop writes: chattr
+  subprocess.run(["chattr", "+i", str(cache)], check=True) if root else cache.chmod(0o555)
+  try:
+    d = ml_collections.ConfigDict(dict(cache_dir="", format="array_record",
+                                       array_record_dir=str(tmp_path / "prepared")))
+    assert loader.cache_dir(d) is None
+  finally:
+    subprocess.run(["chattr", "-i", str(cache)], check=True) if root else cache.chmod(0o755)
+  assert "cannot be written" in caplog.text and list(cache.iterdir()) == []

@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import struct
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -387,6 +388,41 @@ def test_a_writer_that_fails_leaves_the_old_folder_and_no_temporary(tmp_path):
   assert (out / "config.json").read_text() == "old"
 
 
+def _dead_pid() -> int:
+  return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True).stdout)
+
+
+def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
+  import socket
+  host, dead = socket.gethostname(), _dead_pid()
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "config.json").write_text("old")
+  left = {f".out.partial-{host}-{dead}", f".out.old-{host}-{dead}"}
+  kept = {f".out.partial-{host}-{os.getppid()}", f".out.partial-elsewhere-{dead}",
+          f".other.partial-{host}-{dead}"}  # a live writer, another host's, another output's
+  for name in left | kept:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text("x")
+  with outputs.atomic_folder(out, outputs.MODEL_FOLDER, overwrite=True) as tmp:
+    (tmp / "config.json").write_text("new")
+  assert {p.name for p in tmp_path.iterdir()} == kept | {"out"}
+  assert (out / "config.json").read_text() == "new"
+
+
+def test_a_writer_killed_between_its_renames_leaves_the_old_folder_restored(tmp_path):
+  import socket
+  old = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}"
+  old.mkdir()
+  (old / "config.json").write_text("old")
+  with pytest.raises(RuntimeError, match="disk died"):
+    with outputs.atomic_folder(tmp_path / "out", outputs.MODEL_FOLDER, overwrite=True):
+      raise RuntimeError("disk died")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  assert (tmp_path / "out" / "config.json").read_text() == "old"
+
+
 def test_exporting_over_an_older_model_leaves_what_transformers_loads_as_the_new_one(tmp_path):
   """An export over a folder holding an older single-file model (as `save_pretrained` writes
   it): no stale model.safetensors stays beside the new shards, and transformers loads the new
@@ -445,6 +481,17 @@ def test_a_bad_override_is_one_line_naming_the_flag(case, tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("attention", ["xla", "cudnn", "splash"])
+def test_every_llm_attention_the_model_has_is_a_valid_override(attention):
+  cfg = config.load_config("tiny", [f"--config.model.llm.attention={attention}"])
+  assert cfg.model.llm.attention == attention
+
+
+def test_an_unknown_llm_attention_names_the_choices():
+  with pytest.raises(config.ConfigError, match="--config.model.llm.attention=flash.*splash"):
+    config.load_config("tiny", ["--config.model.llm.attention=flash"])
+
+
 GENERATE_FLAGS = {
     "zero_beams": (["--num-beams", "0"], ["--num-beams", "expected an integer >= 1"]),
     "top_p_above_one": (["--top-p", "7"], ["--top-p", "a number in (0, 1]"]),
@@ -463,6 +510,30 @@ def test_an_invalid_generate_flag_is_one_line(case, tmp_path, capsys):
               "hi", *flags])
   err = capsys.readouterr().err.strip()
   assert_one_line(e.value.code, err, "hiwin generate: error:", *words)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--max-pixels", "0"], ["--max-pixels", "expected an integer >= 1, got '0'"]),
+    (["--max-pixels", "-5"], ["--max-pixels", "expected an integer >= 1"]),
+    (["--workers", "-1"], ["--workers", "expected an integer >= 0, got '-1'"]),
+], ids=["zero_pixels", "negative_pixels", "negative_workers"])
+def test_an_invalid_data_build_flag_is_one_line(flags, words, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["data", "build", "--json", str(tmp_path / "a.json"), "--images", str(tmp_path),
+              "--out", str(tmp_path / "out"), *flags])
+  assert_one_line(e.value.code, capsys.readouterr().err.strip(), "hiwin data: error:", *words)
+  assert not (tmp_path / "out").exists()
+
+
+def test_the_pixel_budget_has_one_default(capsys):
+  from hiwin_jax.data import image
+  args = cli.build_parser().parse_args(["data", "build", "--json", "a", "--images", "b", "--out",
+                                        "c"])
+  assert args.max_pixels == image.MAX_IMAGE_PIXELS
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["data", "--help"])
+  assert f"{image.MAX_IMAGE_PIXELS:,}" in capsys.readouterr().out
+  assert config.load_config("tiny_stage1").data.max_image_pixels == image.MAX_IMAGE_PIXELS
 
 
 def test_an_unknown_topology_is_one_line(capsys):
@@ -547,6 +618,29 @@ def test_a_bug_is_reported_as_an_internal_error_in_one_line(capsys, monkeypatch)
   code, err = run(["aot"], capsys)
   assert_one_line(code, err, "internal error: RuntimeError: an invariant broke", "--debug",
                   status=1)
+
+
+def test_a_key_error_is_a_bug_not_a_user_error(capsys, monkeypatch):
+  def broken(args, overrides):
+    return {}["x"]
+  monkeypatch.setitem(cli.HANDLERS, "aot", broken)
+  code, err = run(["aot"], capsys)
+  assert_one_line(code, err, "internal error: KeyError: 'x'", "--debug", status=1)
+
+
+def test_an_unknown_config_key_is_still_a_user_error(tmp_path, capsys):
+  code, err = run([*TRAIN, "--out", tmp_path / "run", "--config.train.nope=1"], capsys)
+  assert_one_line(code, err, "hiwin train: error:", "no config key 'train.nope'")
+
+
+def test_parameters_that_do_not_fit_the_model_are_a_checkpoint_error():
+  from flax import nnx
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(weights.CheckpointError, match="does not have.*'extra'"):
+    weights.load_params(model, {"kernel": np.zeros((2, 3)), "bias": np.zeros(3),
+                                "extra": np.zeros(1)})
+  with pytest.raises(weights.CheckpointError, match="1 parameters of the model are not given"):
+    weights.load_params(model, {"kernel": np.zeros((2, 3))})
 
 
 def test_a_malformed_question_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -8,12 +8,14 @@ after N steps, however interrupted, the vector holds 1 + 2 + ... + N.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,8 +174,59 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
                         capture_output=True, text=True, check=True)
   (out / outputs.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": "x"}))
   assert loop.run(CounterTask(), out)["stopped_at"] is None
-  holder = json.loads((out / outputs.LOCK_NAME).read_text())
-  assert holder["pid"] == os.getpid()
+  # The run recorded itself over the dead one, and cleared its record when it finished.
+  assert (out / outputs.LOCK_NAME).read_text() == ""
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+  """A file system without flock (some network mounts): the lock record decides."""
+  def flock(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(outputs.fcntl, "flock", flock)
+
+
+def test_without_flock_a_finished_run_does_not_block_the_next(tmp_path, no_flock):
+  with outputs.claim_run_folder(tmp_path / "run"):
+    with pytest.raises(outputs.OutputError, match="in use by another run"):
+      outputs.RunLock(tmp_path / "run")._take()  # another process's view
+  assert (tmp_path / "run" / outputs.LOCK_NAME).read_text() == ""
+  outputs.check_run_folder(tmp_path / "run")
+  with outputs.claim_run_folder(tmp_path / "run") as lock:
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("record", [
+    "[1, 2]", "not json", '"pid"', '{{"host": "{host}"}}', '{{"pid": 0, "host": "{host}"}}',
+    '{{"pid": -1, "host": "{host}"}}', '{{"pid": "12", "host": "{host}"}}',
+    '{{"pid": true, "host": "{host}"}}'],
+    ids=["list", "not_json", "string", "no_pid", "pid_0", "pid_negative", "pid_text", "pid_bool"])
+def test_without_flock_a_garbled_lock_is_refused_saying_to_remove_it(record, tmp_path, no_flock):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / outputs.LOCK_NAME).write_text(record.format(host=socket.gethostname()))
+  for claim in (outputs.check_run_folder, outputs.claim_run_folder):
+    with pytest.raises(outputs.OutputError) as e:
+      claim(run)
+    assert "\n" not in str(e.value) and f"remove {run / outputs.LOCK_NAME}" in str(e.value)
+
+
+def test_without_flock_the_record_decides_who_holds_the_folder(tmp_path, no_flock):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  run = tmp_path / "run"
+  run.mkdir()
+  lock = run / outputs.LOCK_NAME
+  lock.write_text(json.dumps({"pid": os.getppid(), "host": "elsewhere"}))
+  with pytest.raises(outputs.OutputError, match="host elsewhere.*if no run uses it, remove"):
+    outputs.check_run_folder(run)
+  lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+  with pytest.raises(outputs.OutputError, match=f"pid {os.getppid()} "):
+    outputs.claim_run_folder(run)
+  lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+  outputs.check_run_folder(run)
+  with outputs.claim_run_folder(run):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
 def test_a_non_empty_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
@@ -183,6 +236,67 @@ def test_a_non_empty_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
   with pytest.raises(outputs.OutputError, match="not a hiwin run folder.*notes.txt"):
     loop.run(CounterTask(), out)
   assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_temporary_names_are_unique_to_the_host_and_the_process(tmp_path, monkeypatch):
+  seen = []
+  real_open = open
+
+  def spy(path, *args, **kwargs):
+    seen.append(pathlib.Path(path).name)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", spy)
+  with outputs.atomic_file(tmp_path / "a.txt") as f:
+    f.write("x")
+  monkeypatch.undo()
+  assert seen and seen[0].endswith(f"-{socket.gethostname()}-{os.getpid()}"), seen
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+class WriteFails(Exception):
+  pass
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "npy", "bytes"])
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(writer, tmp_path,
+                                                                         monkeypatch):
+  from hiwin_jax.convert import safetensors_io
+  from hiwin_jax.data import npy_files
+  path = tmp_path / "out.bin"
+  path.write_bytes(b"old")
+
+  class Unsaveable:  # np.save writes the header, then fails on the data
+    def __array__(self, *a, **k):
+      raise WriteFails
+
+  def fsync_fails(fd):
+    raise WriteFails
+
+  if writer == "safetensors":
+    monkeypatch.setattr(os, "fsync", fsync_fails)  # after every byte went to the temporary
+    write = lambda: safetensors_io.write_safetensors(path, [("a", np.zeros(3, np.float32))])
+  elif writer == "npy":
+    write = lambda: npy_files.save_atomic(path, Unsaveable())
+  else:
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    write = lambda: npy_files.write_atomic(path, b"new")
+  with pytest.raises(WriteFails):
+    write()
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+  assert path.read_bytes() == b"old"
+
+
+def test_one_file_digest_for_checksums_and_the_data_cache(tmp_path):
+  import hashlib
+  data = bytes(range(256)) * 5000  # spans several read chunks
+  (tmp_path / "f").write_bytes(data)
+  assert outputs.file_digest(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+  assert (outputs.file_digest(tmp_path / "f", "blake2b", digest_size=20)
+          == hashlib.blake2b(data, digest_size=20).hexdigest())
+  outputs.record_checksums(tmp_path, ["f"])
+  assert hashlib.sha256(data).hexdigest() in (tmp_path / outputs.CHECKSUMS_NAME).read_text()
 
 
 # --- a save that fails ------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from hiwin_jax import outputs
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -270,13 +272,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
     header["__metadata__"] = metadata
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  tmp = pathlib.Path(str(path) + ".tmp")
-  with open(tmp, "wb") as f:
+  with outputs.atomic_file(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for _, a in items:
       f.write(np.ascontiguousarray(a).tobytes())
-  os.replace(tmp, path)
 
 
 def write_sharded(folder: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],

@@ -43,12 +43,12 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import pathlib
 import tempfile
 
 import numpy as np
 
+from hiwin_jax import outputs
 from hiwin_jax.data import image, layout, metadata, slicing
 from hiwin_jax.data.array_record import ArrayRecordSource
 from hiwin_jax.data.conversation import IGNORE_INDEX, preprocess
@@ -367,12 +367,12 @@ def cache_dir(data_cfg) -> str | None:
     folder = pathlib.Path(data_cfg.array_record_dir, "cache")
     try:
       folder.mkdir(exist_ok=True)
-    except OSError:
-      pass
-    if os.access(folder, os.W_OK):
-      return str(folder)
-    log.warning("data: %s cannot be written; the metadata pass is not cached (set "
-                "data.cache_dir)", folder)
+      outputs.probe_writable(folder)  # not os.access: it says yes to root on a squashed NFS mount
+    except OSError as e:
+      log.warning("data: %s cannot be written (%s); the metadata pass is not cached (set "
+                  "data.cache_dir)", folder, e.strerror or e)
+      return None
+    return str(folder)
   return None
 
 

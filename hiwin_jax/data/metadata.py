@@ -98,6 +98,8 @@ def scan(source: Source, tokenizer, settings: Settings, cache_dir: str | None = 
   files = [folder / f"shard-{s:05d}-of-{len(spans):05d}.npz" for s in range(len(spans))]
   marker = folder / f"process-{process_index}-of-{process_count}"
   marker.touch()
+  # Taken before the check: a file the other host rewrites after it differs from this.
+  before = [_identity(f) for f in files]
   todo = [s for s, f in enumerate(files) if not _usable(f)]
   if todo:
     log.info("data: metadata pass over %d of %d shards of %d records (%s)", len(todo),
@@ -107,7 +109,9 @@ def scan(source: Source, tokenizer, settings: Settings, cache_dir: str | None = 
     _compute(mine, spans, files, source, tokenizer, settings, workers, marker)
     others = [s for s in todo if s % process_count != process_index]
     while others:
-      others = [s for s in others if not files[s].is_file()]
+      # Written by the other host once it differs from what was there (an outdated file of an
+      # earlier pass exists all along: mere existence would merge it).
+      others = [s for s in others if _identity(files[s]) == before[s]]
       peers = [folder / f"process-{p}-of-{process_count}" for p in range(process_count)]
       if others and all(_alive(m) for m in peers):
         marker.touch()
@@ -126,6 +130,16 @@ def _alive(marker: pathlib.Path) -> bool:
     return time.time() - marker.stat().st_mtime < ALIVE_S
   except FileNotFoundError:
     return False
+
+
+def _identity(file: pathlib.Path) -> tuple[int, int, int] | None:
+  """(inode, mtime, size) of a file, None if there is none: a file renamed into place (how
+  shard files are written) has a new one."""
+  try:
+    st = file.stat()
+  except FileNotFoundError:
+    return None
+  return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _stat(path: str) -> tuple[int, int]:

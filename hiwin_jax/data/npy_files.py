@@ -11,37 +11,23 @@ Host-side code (numpy): no jax import.
 from __future__ import annotations
 
 import os
-import pathlib
-import tempfile
 
 import numpy as np
+
+from hiwin_jax import outputs
 
 
 def save_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
   """`np.save` into a temporary sibling, then renamed over `path`: a reader (another process or
   host sharing the folder) sees the whole file or none."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with outputs.atomic_file(path, "wb") as f:
+    np.save(f, array, allow_pickle=False)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   """`data` into a temporary sibling, then renamed over `path`."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with outputs.atomic_file(path, "wb") as f:
+    f.write(data)
 
 
 class RowFile:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import array
 import codecs
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from hiwin_jax import outputs
 from hiwin_jax.data import npy_files
 
 
@@ -202,12 +202,6 @@ class Source(Protocol):
   def fetch(self, i: int) -> tuple[Record, Any]: ...
 
 
-def file_digest(path: str | os.PathLike) -> str:
-  """Content hash of a file (BLAKE2b-160, hex), read in chunks."""
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=20)).hexdigest()
-
-
 # --- the JSON list, one entry at a time ---------------------------------------------------------
 
 _CHUNK = 1 << 23
@@ -352,7 +346,7 @@ class JsonSource:
       if not os.path.isfile(self.json_path):
         raise DataFileError(f"data json {self.json_path!r} does not exist or is not a file")
       self._folder = image_folder(self.image_folder)
-      self._digest = file_digest(self.json_path)
+      self._digest = outputs.file_digest(self.json_path, "blake2b", digest_size=20)
       if self.index_dir is None:
         self._index = scan_json_list(self.json_path)
       else:
