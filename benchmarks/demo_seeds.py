@@ -31,6 +31,10 @@ def bars(summary: dict) -> dict[str, bool]:
       "full_overall": full["accuracy"] >= FULL_OVERALL,
       "full_every_kind": all(c["accuracy"] >= FULL_PER_KIND
                              for c in full["per_category"].values()),
+      # "untrained near 0% or chance": a fresh model answers outside the vocabulary or guesses.
+      "untrained_near_0_or_chance": (summary["accuracy_untrained"]["accuracy"] <= 0.05
+                                     or abs(summary["accuracy_untrained"]["accuracy"]
+                                            - full["chance"]) <= 0.1),
       "baseline_gap_on_detail": all(
           full["per_category"][k]["accuracy"] - base["per_category"][k]["accuracy"]
           >= DETAIL_GAP for k in synthetic.DETAIL_CATEGORIES),
@@ -51,16 +55,16 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--out", default="runs/demo_seeds")
   args = parser.parse_args(argv)
-  from hiwin_jax import demo
+  from hiwin_jax import demo, outputs
   out = pathlib.Path(args.out)
   rows = []
   for seed in args.seeds:
     t, c = time.perf_counter(), time.process_time()
-    demo.run("tiny", [], out / f"seed_{seed}", seed=seed)
+    demo.run("tiny", [], out / f"seed_{seed}", seed=seed, overwrite=True)
     summary = json.loads((out / f"seed_{seed}" / "demo_summary.json").read_text())
     rows.append({**row(seed, summary), "wall_s": time.perf_counter() - t,
                  "cpu_s": time.process_time() - c, "load_avg_1m_at_end": os.getloadavg()[0]})
-    (out / "seeds.json").write_text(json.dumps(rows, indent=2))
+    outputs.write_text(out / "seeds.json", json.dumps(rows, indent=2))
   kinds = [k for k in rows[0]["full"] if k != "overall"] + ["overall"]
   print("\nseed  " + "  ".join(f"{m}:{k}" for m in ("untrained", "baseline", "full")
                                for k in kinds) + "  bars")

@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    note=" (only tiny is CPU-sized); its stages run the stage configs "
                         "vdim_stage0_tiny, tiny_stage1 and tiny_stage2 with the demo's settings; "
                         "overrides reach the model and the stage-1/2 configs")
-  demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+  demo.add_argument("--out", default="runs/demo",
+                    help="output folder, new or empty (default: runs/demo)")
+  demo.add_argument("--overwrite", action="store_true",
+                    help="replace an --out folder that holds an earlier demo run")
 
   train = sub.add_parser(
       "train", help="run a training stage (0: VDIM, 1: projector pre-training, 2: fine-tuning)",
@@ -520,7 +523,7 @@ def _data(args, overrides) -> int:
 
 def _demo(args, overrides) -> int:
   from hiwin_jax import demo
-  return demo.run(args.config, overrides, args.out)
+  return demo.run(args.config, overrides, args.out, overwrite=args.overwrite)
 
 
 def _has_accelerator() -> bool:

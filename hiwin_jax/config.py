@@ -461,6 +461,8 @@ def _field_rules() -> list[tuple[str, tuple]]:
       ("train.optimizer.b1", _BETA), ("train.optimizer.b2", _BETA),
       ("train.optimizer.eps", _POSITIVE_NUMBER),
       ("train.optimizer.weight_decay", _NON_NEGATIVE_NUMBER),
+      ("train.optimizer.projector_lr", _NON_NEGATIVE_NUMBER),
+      ("train.optimizer.vision_lr", _NON_NEGATIVE_NUMBER),
       ("train.optimizer.grad_clip", _NON_NEGATIVE_NUMBER),
       ("train.optimizer.warmup_ratio", (_in_range(0, 1), "a number in [0, 1]")),
       ("train.optimizer.clip_norm", _POSITIVE_NUMBER),

@@ -51,13 +51,14 @@ import dataclasses
 import json
 import pathlib
 import shlex
+import shutil
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from hiwin_jax import config, weights
+from hiwin_jax import config, outputs, weights
 from hiwin_jax.data import slicing, synthetic
 
 VIEW = 112       # the tiny model's ViT input side: 8x8 patches of 14 px
@@ -70,6 +71,10 @@ WARMUP_LR, STAGE1_LR = 3e-3, 1e-4
 STAGE2_LR, STAGE2_VISION_LR = 2e-3, 2e-5
 FULL_SLICES, BASELINE_SLICES = slicing.TRAIN_MAX_SLICE_NUMS, 1  # max_slice_nums at evaluation
 MODELS = ("untrained", "baseline", "full")
+# What a demo run writes into its --out folder (the only entries --overwrite may replace).
+DEMO_RUN = outputs.OutputKind("an earlier hiwin demo run",
+                              ("task", "tokenizer", "init", "init_clip_hf", "stage*", "warmup",
+                               "answers_*.jsonl", "figures", "demo_summary.json"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,12 +281,17 @@ def _detail_views(image, box) -> dict[str, np.ndarray]:
 
 
 def run(config_name: str, overrides, out: str | pathlib.Path, *, seed: int = 0,
-        size: DemoSize = DEMO) -> int:
+        size: DemoSize = DEMO, overwrite: bool = False) -> int:
   """`config_name`: the model config the stage configs start from (only `tiny` is CPU-sized).
-  `seed` draws the task's images, the initial weights and the data order."""
+  `seed` draws the task's images, the initial weights and the data order. A non-empty `out` is
+  refused unless `overwrite` and it holds only an earlier demo's outputs (then it is replaced)."""
   t0, cpu0 = time.perf_counter(), time.process_time()
-  out = pathlib.Path(out).resolve()
-  out.mkdir(parents=True, exist_ok=True)
+  # Every stage resumes from the checkpoints in its folder, so an earlier run's folder would
+  # be continued (with its own seed and settings), not redone: refuse it, or replace it whole.
+  out = outputs.check_destination(out, DEMO_RUN, overwrite=overwrite, flag="--out")
+  if out.is_dir():
+    shutil.rmtree(out)
+  out.mkdir(parents=True)
   if config_name != "tiny":
     raise SystemExit(f"hiwin demo trains the tiny model (configs/tiny_stage1.py, "
                      f"tiny_stage2.py) on 2 CPU cores; --config {config_name!r} is not CPU-sized")
@@ -398,7 +408,7 @@ def run(config_name: str, overrides, out: str | pathlib.Path, *, seed: int = 0,
   summary["detail_gain_over_baseline"] = detail
   summary["trained_beats_chance"] = (results["full"]["accuracy"]
                                      > results["full"]["chance"] + 0.1)
-  (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+  outputs.write_text(out / "demo_summary.json", json.dumps(summary, indent=2, default=str))
   print("\nlosses (first -> last step): " + ", ".join(
       f"{name} {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" for name, r in losses.items()))
   gains = ", ".join(f"{k} {v:+.0%}" for k, v in detail.items())

@@ -2,6 +2,8 @@
 loop, both stage-2 models are evaluated, the summary has its shape, every figure is written, and
 the `hiwin eval` command the demo prints reproduces its answers."""
 
+from __future__ import annotations
+
 import contextlib
 import io
 import json
@@ -80,3 +82,43 @@ def test_the_printed_eval_command_reproduces_the_demos_answers(run):
     return {r["question_id"]: r["text"] for r in map(json.loads, path.read_text().splitlines())}
 
   assert texts(again) == texts(out / "answers_full.jsonl")
+
+
+def test_an_earlier_run_is_refused_in_one_line_and_replaced_only_with_overwrite(tmp_path, capsys):
+  """Every stage resumes from its folder's checkpoints: a second demo into the same --out would
+  continue the first (its seed, its settings) instead of running."""
+  earlier = tmp_path / "demo"
+  (earlier / "stage1").mkdir(parents=True)
+  (earlier / "demo_summary.json").write_text("{}")
+  assert cli.main(["demo", "--out", str(earlier)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--overwrite" in err and str(earlier) in err
+  assert (earlier / "demo_summary.json").read_text() == "{}"  # nothing touched
+  (earlier / "notes.txt").write_text("mine")  # not the demo's: --overwrite must not delete it
+  assert cli.main(["demo", "--out", str(earlier), "--overwrite"]) == 2
+  assert "notes.txt" in capsys.readouterr().err
+  assert (earlier / "notes.txt").read_text() == "mine" and (earlier / "stage1").is_dir()
+
+
+def _summary(untrained, baseline, full):
+  """A demo_summary.json with per-kind accuracies (colour, pattern) for the three models."""
+  def acc(colour, pattern):
+    return {"accuracy": (colour + pattern) / 2, "chance": 0.29,
+            "per_category": {"colour": {"accuracy": colour}, "pattern": {"accuracy": pattern}}}
+  return {"accuracy_untrained": acc(*untrained), "accuracy_baseline": acc(*baseline),
+          "accuracy_trained": acc(*full)}
+
+
+def test_the_seed_bars_are_the_issues_and_each_can_fail():
+  from benchmarks import demo_seeds
+  good = demo_seeds.bars(_summary((0, 0), (1.0, 0.33), (1.0, 1.0)))
+  assert good == dict.fromkeys(good, True) and len(good) == 4
+  failing = {
+      "full_overall": _summary((0, 0), (1.0, 0.33), (0.88, 0.88)),
+      "full_every_kind": _summary((0, 0), (1.0, 0.33), (1.0, 0.84)),
+      "baseline_gap_on_detail": _summary((0, 0), (1.0, 0.71), (1.0, 1.0)),
+      "untrained_near_0_or_chance": _summary((0.7, 0.7), (1.0, 0.33), (1.0, 1.0)),
+  }
+  for bar, summary in failing.items():
+    result = demo_seeds.bars(summary)
+    assert not result[bar] and all(v for k, v in result.items() if k != bar), (bar, result)
