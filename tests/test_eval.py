@@ -233,7 +233,8 @@ def test_hiwin_eval_of_a_qwen2_model_asks_in_chatml_and_stops_at_im_end(tmp_path
   qfile = tmp_path / "q.jsonl"
   qfile.write_text(json.dumps({"question_id": 1, "text": golden["question"]}) + "\n")
   tok_dir = qwen_text.unpacked_fixture(tmp_path / "tok")
-  assert cli.main(["eval", "--checkpoint", str(tmp_path / "unused"), "--tokenizer", str(tok_dir),
+  (tmp_path / "ckpt").mkdir()  # checked to exist; load_model is the stand-in above
+  assert cli.main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tok_dir),
                    "--questions", str(qfile), "--image-folder", str(tmp_path), "--answers",
                    str(tmp_path / "a.jsonl"), "--metric", "none", "--no-progress"]) == 0
   (batch, gen), = calls
