@@ -105,3 +105,17 @@ def config_json_r2(cfg, qwen2: bool):
                rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                bos_token_id=151643, eos_token_id=151645, tokenizer_model_max_length=32768)
   return out
+
+
+def assert_export_holds(folder, tensors) -> None:
+  """An exported official folder holds exactly the keys of `tensors` ({key: bf16 array}), each
+  bit for bit, except the never-called featurizer copy (refilled on export)."""
+  import numpy as np
+
+  from hiwin_jax.convert.safetensors_io import SafetensorsReader
+  back = SafetensorsReader(folder)
+  assert set(back.keys()) == set(tensors)
+  for key, value in tensors.items():
+    if ".upsampler.model." not in key:
+      np.testing.assert_array_equal(back.get(key).view(np.uint16), value.view(np.uint16),
+                                    err_msg=key)
