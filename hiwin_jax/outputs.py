@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 from typing import Iterator, Sequence
 
 log = logging.getLogger("hiwin.outputs")
@@ -129,9 +130,11 @@ def _writable_parent(dest: pathlib.Path, flag: str) -> None:
 
 def _temp_sibling(dest: pathlib.Path, tag: str, shared: bool) -> pathlib.Path:
   # Processes of one multi-process run write into the same folder, so its name cannot contain a
-  # process id; the run lock makes it unique to the run. Otherwise the host name and the pid:
-  # containers on hosts sharing the folder reuse pids.
-  suffix = "" if shared else f"-{socket.gethostname()}-{os.getpid()}"
+  # process id; the run lock makes it unique to the run. Otherwise the host name, the pid
+  # (containers on hosts sharing the folder reuse pids) and the thread: threads of one process
+  # may write the same file (the metadata processes of a test are threads).
+  suffix = ("" if shared else
+            f"-{socket.gethostname()}-{os.getpid()}-t{threading.get_native_id()}")
   return dest.parent / f".{dest.name}.{tag}{suffix}"
 
 
@@ -177,7 +180,7 @@ def _clean_after_killed_writers(dest: pathlib.Path) -> None:
   pid is in their names); if one was killed between its two renames (`dest` missing, its
   `.old-` sibling there), renames the old folder back first."""
   host = socket.gethostname()
-  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)")
+  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)-t\d+")
   try:
     names = sorted(os.listdir(dest.parent))
   except OSError:

@@ -399,9 +399,9 @@ def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   (out / "config.json").write_text("old")
-  left = {f".out.partial-{host}-{dead}", f".out.old-{host}-{dead}"}
-  kept = {f".out.partial-{host}-{os.getppid()}", f".out.partial-elsewhere-{dead}",
-          f".other.partial-{host}-{dead}"}  # a live writer, another host's, another output's
+  left = {f".out.partial-{host}-{dead}-t{dead}", f".out.old-{host}-{dead}-t3"}
+  kept = {f".out.partial-{host}-{os.getppid()}-t1", f".out.partial-elsewhere-{dead}-t1",
+          f".other.partial-{host}-{dead}-t1"}  # a live writer, another host's, another output's
   for name in left | kept:
     (tmp_path / name).mkdir()
     (tmp_path / name / "config.json").write_text("x")
@@ -411,9 +411,33 @@ def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
   assert (out / "config.json").read_text() == "new"
 
 
+def test_threads_of_one_process_writing_one_file_do_not_collide(tmp_path):
+  """Two threads of one process write the same file at once (the metadata pass's processes are
+  threads in a test): each has its own temporary, and the file ends whole."""
+  import threading
+  path, start, errors = tmp_path / "excluded.jsonl", threading.Barrier(2), []
+
+  def write(text):
+    try:
+      with outputs.atomic_file(path, "w") as f:
+        start.wait(10)  # both temporaries exist before either is renamed
+        f.write(text)
+    except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+      errors.append(e)
+
+  threads = [threading.Thread(target=write, args=(t * 1000,)) for t in "ab"]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  assert not errors
+  assert path.read_text() in ("a" * 1000, "b" * 1000)
+  assert [p.name for p in tmp_path.iterdir()] == ["excluded.jsonl"]
+
+
 def test_a_writer_killed_between_its_renames_leaves_the_old_folder_restored(tmp_path):
   import socket
-  old = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}"
+  old = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}-t1"
   old.mkdir()
   (old / "config.json").write_text("old")
   with pytest.raises(RuntimeError, match="disk died"):
