@@ -258,6 +258,24 @@ def test_the_builds_pixel_budget_is_a_flag(impostors, tmp_path, capsys):
   assert b"GOOD-PNG" not in _output_bytes(tmp_path / "prepared")
 
 
+def test_the_build_replaces_only_an_earlier_build_and_only_with_overwrite(impostors, tmp_path,
+                                                                         capsys):
+  args = ("--json", impostors / "data.json", "--images", impostors / "images", "--out",
+          tmp_path / "prepared", "--max-pixels", "1000")
+  assert _build(capsys, *args)[0] == 0
+  first = _output_bytes(tmp_path / "prepared")
+  rc, _, err = _build(capsys, *args)
+  assert rc == 2 and "--out" in _error_line(err) and "--overwrite" in err
+  rc, _, err = _build(capsys, *args, "--overwrite")
+  assert rc == 0, err
+  assert _output_bytes(tmp_path / "prepared") == first  # the build is deterministic
+  (tmp_path / "prepared" / "notes.txt").write_text("mine")
+  rc, _, err = _build(capsys, *args, "--overwrite")
+  assert rc == 2 and "notes.txt" in _error_line(err)
+  assert (tmp_path / "prepared" / "notes.txt").read_text() == "mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporaries left
+
+
 def test_the_metadata_pass_refuses_a_pixel_bomb_from_its_header(impostors, tok, tmp_path,
                                                                 monkeypatch):
   monkeypatch.setattr(ImageFile.ImageFile, "load",

@@ -38,17 +38,21 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import threading
 from typing import Any
 
 import numpy as np
 
+from hiwin_jax import outputs
 from hiwin_jax.data import image, parallel, sources
 
 FORMAT = "hiwin-prepared-llava"
 VERSION = 2
 MANIFEST = "prepared.json"
+# What `hiwin data build --overwrite` may replace: a folder holding only an earlier build's files.
+PREPARED_DATASET = outputs.OutputKind("a prepared dataset of `hiwin data build`",
+                                      (MANIFEST, "records-*.array_record",
+                                       "images-*.array_record"))
 RECORDS_PER_SHARD = 16384
 IMAGES_PER_SHARD = 4096
 _OPEN_READERS = 64  # per process; a pod-sized dataset has hundreds of image shards
@@ -163,21 +167,14 @@ def build(json_path: str | os.PathLike, image_folder: str | os.PathLike,
   """Writes the prepared dataset of a LLaVA json + image folder to `out_dir` (module
   docstring) and returns its path (the `data.array_record_dir` of `config.data_config`).
 
-  The folder appears complete or not at all (written beside it, then renamed). An existing
-  non-empty `out_dir` is an error unless `overwrite` (then it is replaced whole). `workers`:
-  processes (0: one per core). Raises sources.DataFileError for a malformed json or a missing
-  image folder, FileExistsError for an existing output."""
-  json_path, out = os.fspath(json_path), pathlib.Path(out_dir)
+  The folder appears complete or not at all (outputs.atomic_folder). An existing non-empty
+  `out_dir` is an outputs.OutputError unless `overwrite`, and then only if it holds nothing but
+  an earlier prepared dataset (PREPARED_DATASET). `workers`: processes (0: one per core).
+  Raises sources.DataFileError for a malformed json or a missing image folder."""
+  json_path = os.fspath(json_path)
   folder = sources.image_folder(image_folder)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    if not overwrite:
-      raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    if not (out / MANIFEST).is_file():
-      raise FileExistsError(f"{out} is not a prepared dataset (no {MANIFEST}); --overwrite "
-                            "replaces only an earlier output of `hiwin data build`")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-  try:
+  with outputs.atomic_folder(out_dir, PREPARED_DATASET, overwrite=overwrite,
+                             flag="--out") as tmp:
     source = sources.JsonSource(json_path, folder, index_dir=tmp / "index")
     num = len(source)  # the streaming scan: entries' byte ranges, none kept
     state = _Build(source, folder, int(max_pixels))
@@ -229,17 +226,7 @@ def build(json_path: str | os.PathLike, image_folder: str | os.PathLike,
                 "errors": dict(sorted(counts.items())),
                 "source": {"json": os.path.abspath(json_path), "image_folder": folder}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    if out.exists():
-      old = out.parent / f".{out.name}.old-{os.getpid()}"
-      out.rename(old)
-      tmp.rename(out)
-      shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-      tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return str(out)
+  return os.path.abspath(out_dir)
 
 
 # --- reading ------------------------------------------------------------------------------------
