@@ -77,6 +77,21 @@ def test_step_table_has_one_row_per_compile():
   assert table[3].startswith("| v5p-8 | splash | 2 (8) |") and len(table) == 4
 
 
+def test_a_program_the_compiler_refuses_is_a_row_that_does_not_fit():
+  """XLA:TPU refuses a program whose temporaries exceed HBM (RESOURCE_EXHAUSTED): that is the
+  answer "does not fit", reported with what it needed, not an internal error."""
+  refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (35.56G) exceeds available HBM (31.25G).")
+  r = aot.AotResult(aot.parse_topology("v6e-64"), {"fsdp": 64}, "xla",
+                    {"llm": "full", "vision": "full"}, 2, 128, 4096, 7, None, 1e15, None, 1, 1,
+                    4.0, 300.0, refusal)
+  assert not r.fits
+  assert "DOES NOT FIT" in r.summary() and "35.56G" in r.summary()
+  row = aot.step_table([r]).splitlines()[2]
+  assert row == ("| v6e-64 | xla | 2 (128) | - | refused: 35.56 GiB needed | - | 32 GiB | no "
+                 "| 304 s |"), row
+
+
 @pytest.mark.parametrize("estimate, want", [(2.5e-3, 2.5e-3), (-18.98, None), (0.0, None)])
 def test_cost_report_keeps_only_positive_time_estimates(estimate, want):
   """libtpu 0.0.42 returns negative `optimal_seconds` for v6e programs: not a time."""

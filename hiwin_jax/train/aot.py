@@ -239,17 +239,18 @@ class AotResult:
   global_rows: int
   seq: int
   slices: int
-  memory: MemoryReport
+  memory: MemoryReport | None  # None: the compiler refused the program (`refusal`)
   model_flops: float        # per step, all chips (trainer.model_flops: ViT + LLM matmuls)
   xla_flops: float | None   # per chip, the compiler's cost analysis
   num_trainable: int
   num_frozen: int
   lower_s: float
   compile_s: float
+  refusal: str = ""  # the compiler's out-of-memory message, when it refused to compile
 
   @property
   def fits(self) -> bool:
-    return self.memory.fits(self.topology.chip.hbm_gib)
+    return self.memory is not None and self.memory.fits(self.topology.chip.hbm_gib)
 
   def summary(self) -> str:
     t, c = self.topology, self.topology.chip
@@ -263,7 +264,8 @@ class AotResult:
          f"micro-batch), seq {self.seq}, {self.slices} slices + overview per sample"),
         (f"parameters: {self.num_trainable / 1e6:.1f} M trainable, "
          f"{self.num_frozen / 1e6:.1f} M frozen"),
-        self.memory.line(c.hbm_gib),
+        (self.memory.line(c.hbm_gib) if self.memory else
+         f"per chip: DOES NOT FIT, the compiler refused it: {self.refusal}"),
         (f"FLOPs per step: {self.model_flops / 1e12:.4g} TFLOP (model), {xla}; at 100% of "
          f"{c.peak_tflops:g} TFLOP/s/chip >= {step_s:.3g} s/step"),
         f"lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s",
@@ -286,15 +288,29 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
                                             abstract_batch)
   t1 = time.perf_counter()
   log(f"lowered in {t1 - t0:.1f} s; compiling for {topo.libtpu_name} ...")
-  compiled = lowered.compile()
+  memory, xla_flops, refusal = None, None, ""
+  try:
+    compiled = lowered.compile()
+    memory = MemoryReport.from_compiled(compiled)
+    xla_flops = CostReport.from_compiled(compiled).flops
+  except jax.errors.JaxRuntimeError as e:
+    # A program that cannot fit the chip's HBM is an answer ("does not fit"), not a failure.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    refusal = str(e).strip().splitlines()[0]
   t2 = time.perf_counter()
   return AotResult(
       topo, dict(mesh.shape), cfg.model.llm.attention,
       {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
-      batch, int(abstract_batch["input_ids"].shape[1]), seq, slices,
-      MemoryReport.from_compiled(compiled), trainer.flops(host),
-      CostReport.from_compiled(compiled).flops,
-      trainer.num_trainable, trainer.num_frozen, t1 - t0, t2 - t1)
+      batch, int(abstract_batch["input_ids"].shape[1]), seq, slices, memory,
+      trainer.flops(host), xla_flops, trainer.num_trainable, trainer.num_frozen, t1 - t0,
+      t2 - t1, refusal)
+
+
+def _refused_temp(message: str) -> str:
+  # XLA:TPU says "... memory required for HLO temporaries (35.56G) exceeds available HBM ...".
+  found = re.search(r"temporaries \((\S+?)G\)", message)
+  return f"{found[1]} GiB needed" if found else "out of memory"
 
 
 def step_table(results: list[AotResult]) -> str:
@@ -304,9 +320,11 @@ def step_table(results: list[AotResult]) -> str:
           "| fits | lower + compile |", "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     m, hbm = r.memory, r.topology.chip.hbm_gib
+    sizes = (f"{g(m.argument)} | {g(m.temp)} | {g(m.total)}" if m else
+             f"- | refused: {_refused_temp(r.refusal)} | -")
     rows.append(f"| {r.topology.name} | {r.attention} | {r.rows_per_shard} ({r.global_rows}) | "
-                f"{g(m.argument)} | {g(m.temp)} | {g(m.total)} | {hbm:g} GiB | "
-                f"{'yes' if r.fits else 'no'} | {r.lower_s + r.compile_s:.0f} s |")
+                f"{sizes} | {hbm:g} GiB | {'yes' if r.fits else 'no'} | "
+                f"{r.lower_s + r.compile_s:.0f} s |")
   return "\n".join(rows)
 
 
