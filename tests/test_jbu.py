@@ -275,7 +275,8 @@ def test_bf16_stack_rounds_where_torch_rounds():
   out = run_stack(stack(c, sd, bf16), jnp.asarray(source), jnp.asarray(pixels))
   with torch.no_grad():
     ref = jbu_ref.jbu4x(nchw(source), nchw(pixels), {k: torch.from_numpy(np.asarray(v))
-                                                     for k, v in sd.items()}, torch.bfloat16)
+                                                     for k, v in sd.items()}, torch.bfloat16,
+                        conv="fma")
   for k, r in zip(("feat2x", "feat4x"), ref):
     frac = float(np.mean(np.asarray(out[k].astype(jnp.float32)) != nhwc(r.float().numpy())))
     print(f"bf16 JBU {k}: {frac:.2%} of elements differ from torch's bf16")

@@ -76,6 +76,26 @@ def test_scaled_multiplies_in_float32_as_torch_does_a_python_scalar():
   assert differing(got, want) == 0.0
 
 
+def test_bf16_results_keep_their_rounding_under_jit():
+  """A bf16 LayerNorm feeding a projection, then a softmax feeding a product: jitted, XLA:CPU
+  keeps each op in float32 and (excess precision) drops the bf16 round trips between them unless
+  `round_to` marks them; the jitted chain must equal the op-by-op one, as torch computes it."""
+  from hiwin_jax.models.layers import LayerNorm, biased_matmul, round_to
+  p = Precision(jnp.bfloat16, jnp.bfloat16, jax.lax.Precision.DEFAULT)
+  ln = LayerNorm(256, eps=1e-6, axis_name=None, precision=p)
+  x, w, v = (jnp.asarray(bf16_values(s, seed), jnp.bfloat16)
+             for s, seed in (((64, 256), 7), ((256, 64), 8), ((64, 32), 9)))
+
+  def chain(ln, x, w, v):
+    h = biased_matmul(ln(x), w, None, p)
+    probs = round_to(jax.nn.softmax(h.astype(jnp.float32), -1), jnp.bfloat16)
+    return jnp.matmul(probs, v, preferred_element_type=jnp.float32)
+
+  with jax.disable_jit():
+    eager = chain(ln, x, w, v)
+  np.testing.assert_array_equal(np.asarray(nnx.jit(chain)(ln, x, w, v)), np.asarray(eager))
+
+
 def test_rounded_is_a_bf16_rounding_xla_keeps_inside_a_fusion():
   """torch rounds `tau * logits` to bf16 before its softmax; `rounded` keeps that rounding under
   jit, where XLA's excess precision would skip an `.astype(bf16).astype(f32)` pair."""

@@ -16,11 +16,15 @@ is an empty slot: it is computed as a 1 x 1 grid and its output is finite garbag
 
 Precision: with float32 compute everything is float32, the window boxes included (the official
 rounds them to the feature dtype, which is then float32). With bfloat16 compute the casts follow
-the official bf16 projector (spec §4.3, §10.16, §10.22): the level projections, LayerNorm
+the official bf16 projector (spec §4.3, §10.16, §10.22): the level projections (every level's
+input is a non-contiguous view in the official, so product and bias round separately), LayerNorm
 outputs, key sums (left to right) and attention in bf16; the key position table resized in
 float32 and rounded to bf16; the window boxes rounded to bf16; RoIAlign in float32 on the bf16
 maps, its samples rounded to bf16; attention logits rounded to bf16 like torch's baddbmm output,
-then softmax in float32 (torch's bf16 softmax accumulates in float32 too) rounded to bf16.
+then softmax in float32 (torch's bf16 softmax accumulates in float32 too) rounded to bf16. Each
+of these roundings goes through `layers.round_to`, which XLA cannot drop under jit: the
+official-attention forward then differs from torch's bf16 CPU run on ~3% of its outputs
+(tests/test_hiwin.py), all from float32 summation orders.
 
 Parameter names follow the official state dict one to one (`attn.in_proj_weight` [3E, E] is
 `attn_in_proj.kernel` [E, 3E], rows q|k|v; `proj` is used as `x @ proj` in both).
@@ -36,8 +40,9 @@ import numpy as np
 from flax import nnx
 
 from hiwin_jax.models import resize
-from hiwin_jax.models.layers import (LayerNorm, Linear, Precision, biased_matmul, checkpoint_name,
-                                     normal_init, param, rounded, scaled)
+from hiwin_jax.models.layers import (LayerNorm, Linear, Precision, add, biased_matmul,
+                                     checkpoint_name, normal_init, param, round_to, rounded,
+                                     scaled)
 from hiwin_jax.models.roi_align import (MAX_POOL, pooling_size, window_slots, window_weights)
 
 _F32 = jnp.float32
@@ -106,12 +111,13 @@ class HiwinProjector(nnx.Module):
               param(None, jax.nn.initializers.zeros, (1, 1, e), pd, (None, None, "embed")))
     for k in range(1, NUM_QUERY_SETS + 1):
       setattr(self, f"query_{k}", param(rngs, normal_init(0.02), (q, e), pd, (None, "embed")))
-    # The official projects `level.permute(0, 2, 3, 1)`: contiguous (channels-last) for the ViT's
-    # 1x map, a non-contiguous view of the JBU's NCHW output for 2x/4x, where torch's F.linear
-    # rounds the bf16 product before adding the bias (`Linear.fused_bias`).
+    # The official projects `level.permute(0, 2, 3, 1)` of NCHW-contiguous maps (the JBU's outputs,
+    # and the 1x map after `torch.cat`, which gives the ViT's channels-last view NCHW strides): a
+    # non-contiguous input, where torch's F.linear rounds the bf16 product before adding the bias
+    # (`Linear.fused_bias`).
     for s in LEVEL_SCALES:
       setattr(self, f"features_{s}x_projector",
-              linear(kv, e, ("vision_embed", "embed"), fused_bias=s == 1))
+              linear(kv, e, ("vision_embed", "embed"), fused_bias=False))
     self.attn_in_proj = linear(e, 3 * e, ("embed", "heads"),
                                init=jax.nn.initializers.xavier_uniform())
     self.attn_out_proj = linear(e, e, ("heads", "embed"))
@@ -145,8 +151,8 @@ class HiwinProjector(nnx.Module):
     n, hc, wc, _ = features.shape
     x = self.ln_kv(getattr(self, f"features_{s}x_projector")(features))      # [N, Hc', Wc', E]
     table = self.pos_embed[...].reshape(g, g, e).astype(_F32)
-    pos = resize.resize_table_per_item(table, height, width, (hc, wc)).astype(dt)
-    key = x + pos + getattr(self, f"feature_{s}x_embedding")[...][0].astype(dt)
+    pos = round_to(resize.resize_table_per_item(table, height, width, (hc, wc)), dt)
+    key = add(add(x, pos), getattr(self, f"feature_{s}x_embedding")[...][0].astype(dt))
     inside = ((jnp.arange(hc)[None, :, None] < height[:, None, None])
               & (jnp.arange(wc)[None, None, :] < width[:, None, None]))      # [N, Hc', Wc']
     maps = jnp.where(inside[None, ..., None], jnp.stack([key, x]), jnp.zeros((), dt))
@@ -159,7 +165,7 @@ class HiwinProjector(nnx.Module):
     bins = jnp.einsum("ncqx,tnrpxe->tnrcpqe", ax, rows, precision=p.matmul,
                       preferred_element_type=_F32)
     bins = bins.reshape(2, n, g * g, MAX_POOL * MAX_POOL, e)
-    samples = jnp.take_along_axis(bins, slot_index[None, :, None, :, None], axis=3).astype(dt)
+    samples = round_to(jnp.take_along_axis(bins, slot_index[None, :, None, :, None], axis=3), dt)
     return samples[0], samples[1]
 
   def _attend(self, keys, values, valid):
@@ -179,7 +185,7 @@ class HiwinProjector(nnx.Module):
       return biased_matmul(x, w_in[:, cols], b_in[cols], p, fused=i == 0)
 
     pos = self.pos_embed[...].astype(dt)
-    queries = jnp.stack([self.ln_q(getattr(self, f"query_{k}")[...]) + pos
+    queries = jnp.stack([add(self.ln_q(getattr(self, f"query_{k}")[...]), pos)
                          for k in range(1, NUM_QUERY_SETS + 1)])              # [S, Q, E]
     # torch scales q after the in-projection, by sqrt(1 / head_dim) (a Python float).
     qh = scaled(checkpoint_name(in_proj(queries, 0), "query_proj"), math.sqrt(1.0 / hd))
@@ -191,8 +197,8 @@ class HiwinProjector(nnx.Module):
       logits = rounded(jnp.einsum("sqhd,nqlhd->nsqhl", qh, kh, precision=p.matmul,
                                   preferred_element_type=_F32), dt)
       # Every item has >= 6 valid samples per window, so no row is fully masked.
-      probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(dt)
-      ctx = jnp.einsum("nsqhl,nqlhd->nsqhd", probs, vh, precision=p.matmul)
+      probs = round_to(jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1), dt)
+      ctx = round_to(jnp.einsum("nsqhl,nqlhd->nsqhd", probs, vh, precision=p.matmul), dt)
     else:
       # The same attention with the k/v in-projections moved off the N*144*L samples:
       # q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and the last term is one constant per query, which
@@ -201,16 +207,17 @@ class HiwinProjector(nnx.Module):
       # E=4096; equal in exact arithmetic, rounded differently in bf16).
       wk = w_in[:, e:2 * e].reshape(e, nh, hd)
       wv = w_in[:, 2 * e:].reshape(e, nh, hd)
-      qk = jnp.einsum("sqhd,ehd->sqhe", qh, wk, precision=p.matmul)            # [S, Q, H, E]
+      qk = round_to(jnp.einsum("sqhd,ehd->sqhe", qh, wk, precision=p.matmul), dt)  # [S, Q, H, E]
       logits = rounded(jnp.einsum("sqhe,nqle->nsqhl", qk, keys.astype(dt), precision=p.matmul,
                                   preferred_element_type=_F32), dt)
-      probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(dt)
-      mixed = jnp.einsum("nsqhl,nqle->nsqhe", probs, values.astype(dt), precision=p.matmul)
-      ctx = (jnp.einsum("nsqhe,ehd->nsqhd", mixed, wv, precision=p.matmul,
-                        preferred_element_type=_F32)
-             + rounded(b_in[2 * e:].reshape(nh, hd), dt)).astype(dt)
+      probs = round_to(jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1), dt)
+      mixed = round_to(jnp.einsum("nsqhl,nqle->nsqhe", probs, values.astype(dt),
+                                  precision=p.matmul), dt)
+      ctx = round_to(jnp.einsum("nsqhe,ehd->nsqhd", mixed, wv, precision=p.matmul,
+                                preferred_element_type=_F32)
+                     + rounded(b_in[2 * e:].reshape(nh, hd), dt), dt)
     ctx = checkpoint_name(ctx.reshape(n, NUM_QUERY_SETS, q, e), "context")
     out = self.ln_proj(self.attn_out_proj(ctx))                              # [N, S, Q, E]
     z = jnp.moveaxis(out, 1, 2).reshape(n, q, NUM_QUERY_SETS * e)            # q1 | q2 | q3 | q4
     z = self.ln_post(self.cat_proj(z))
-    return jnp.matmul(z, self.proj[...].astype(dt), precision=p.matmul)
+    return round_to(jnp.matmul(z, self.proj[...].astype(dt), precision=p.matmul), dt)

@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from hiwin_jax.kernels.adaptive_conv import adaptive_conv, adaptive_conv_sharded
-from hiwin_jax.models.layers import Linear, Precision, param, rounded, scaled
+from hiwin_jax.models.layers import (Linear, Precision, add, divide, param, round_to,
+                                     rounded, scaled)
 from hiwin_jax.models.resize import (adaptive_avg_pool2d, reflect_pad, reflect_pad_per_item,
                                      resize_bicubic, upsample2x_bicubic)
 from hiwin_jax.parallel import sharding
@@ -67,7 +68,7 @@ def dropout2d(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 def _gelu(x: jax.Array) -> jax.Array:
   """`torch.nn.GELU()` (exact erf form), computed in float32 and rounded to x's dtype."""
-  return jax.nn.gelu(x.astype(_F32), approximate=False).astype(x.dtype)
+  return round_to(jax.nn.gelu(x.astype(_F32), approximate=False), x.dtype)
 
 
 def _conv1x1(in_features: int, out_features: int, axes, precision: Precision,
@@ -183,7 +184,7 @@ class JBULearnedRange(nnx.Module):
     t = _torch_linspace_f32(-1.0, 1.0, self.diameter)
     d2 = (t[:, None] ** 2 + t[None, :] ** 2).reshape(-1)
     sigma = self.sigma_spatial[...].astype(self.precision.dtype)
-    return jnp.exp(-jnp.asarray(d2) / (2 * sigma ** 2).astype(_F32))
+    return jnp.exp(divide(-jnp.asarray(d2), (2 * sigma ** 2).astype(_F32)))
 
   def range_kernel(self, guidance: jax.Array, rng: jax.Array | None,
                    valid: jax.Array | None = None) -> jax.Array:
@@ -194,12 +195,12 @@ class JBULearnedRange(nnx.Module):
     keys = self.range_proj_3(dropout2d(_gelu(self.range_proj_0(guidance)), 0.1, rng))
     padded = (reflect_pad(keys, self.radius) if valid is None
               else reflect_pad_per_item(keys, self.radius, valid)).astype(_F32)
-    logits = _range_logits(padded, keys.astype(_F32), self.diameter).astype(cd)
+    logits = round_to(_range_logits(padded, keys.astype(_F32), self.diameter), cd)
     tau = jnp.clip(jnp.exp(self.range_temp[...].astype(cd)), 1e-4, 1e4)
     # torch multiplies in the compute dtype: the float32 product of two bf16 values is exact,
     # `rounded` is torch's rounding of it, which XLA would otherwise skip inside the softmax.
-    return jax.nn.softmax(rounded(tau.astype(_F32) * logits.astype(_F32), cd),
-                          axis=-1).astype(cd)
+    return round_to(jax.nn.softmax(rounded(tau.astype(_F32) * logits.astype(_F32), cd),
+                                   axis=-1), cd)
 
   def filters(self, guidance: jax.Array, dropout_rng: jax.Array | None = None,
               valid: jax.Array | None = None) -> jax.Array:
@@ -209,8 +210,14 @@ class JBULearnedRange(nnx.Module):
     guidance = guidance.astype(cd)
     rng_range, rng_fixup = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     kernel = self.range_kernel(guidance, rng_range, valid).astype(_F32) * self.spatial_kernel()
-    kernel = kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-7)
-    fix_in = jnp.concatenate([kernel.astype(cd), guidance], axis=-1)
+    # The 49 taps summed in tap order, one float32 add at a time: a fixed order, so the canvas
+    # and single-item programs round alike (XLA's reduction order follows the shape); divided
+    # exactly, as torch divides (XLA would multiply by the reciprocal).
+    total = kernel[..., 0]
+    for tap in range(1, kernel.shape[-1]):
+      total = total + kernel[..., tap]
+    kernel = divide(kernel, jnp.maximum(total, 1e-7)[..., None])
+    fix_in = jnp.concatenate([round_to(kernel, cd), guidance], axis=-1)
     fix = self.fixup_proj_3(dropout2d(_gelu(self.fixup_proj_0(fix_in)), 0.1, rng_fixup))
     return kernel + scaled(fix, _TENTH).astype(_F32)  # no renormalisation, as in the official
 
@@ -306,11 +313,11 @@ class JBUStack(nnx.Module):
       guidance = adaptive_avg_pool2d(pixels, (s * h, s * w))  # always from the full-res pixels
       inp = jax.lax.stop_gradient(x) if hierarchical and k > 1 else x
       level_grid = None if grid is None else grid * (s // 2)
-      x = getattr(self, f"up{k}")(inp, guidance, grid=level_grid,
-                                  dropout_rng=rngs[k - 1]).astype(cd)
+      x = round_to(getattr(self, f"up{k}")(inp, guidance, grid=level_grid,
+                                           dropout_rng=rngs[k - 1]), cd)
       out[f"feat{s}x"] = x
     fix = self.fixup_proj(dropout2d(x, 0.2, rngs[-1]))
-    out[f"feat{self.scale}x"] = x + scaled(fix, _TENTH)
+    out[f"feat{self.scale}x"] = add(x, scaled(fix, _TENTH))
     return out
 
 

@@ -97,11 +97,11 @@ def biased_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
   y = jnp.matmul(x.astype(dt), kernel.astype(dt), precision=precision.matmul,
                  preferred_element_type=jnp.float32)
   if bias is None:
-    return y.astype(dt)
+    return round_to(y, dt)
   if not fused:  # two roundings, both kept (`rounded`): the product's, then the sum's
-    return (rounded(y, dt) + rounded(bias, dt)).astype(dt)
+    return round_to(rounded(y, dt) + rounded(bias, dt), dt)
   # The bias is a compute-dtype parameter in torch's run too: round it first, add it in float32.
-  return (y + rounded(bias, dt)).astype(dt)
+  return round_to(y + rounded(bias, dt), dt)
 
 
 def rounded(x: jax.Array, dtype: Any) -> jax.Array:
@@ -116,12 +116,40 @@ def rounded(x: jax.Array, dtype: Any) -> jax.Array:
                                   mantissa_bits=info.nmant)
 
 
+def round_to(x: jax.Array, dtype: Any) -> jax.Array:
+  """`x` (any float dtype) as `dtype`, rounded once to nearest even: `x.astype(dtype)` with a
+  rounding XLA keeps. XLA:CPU computes bf16 dots and elementwise ops in float32 and, with its
+  default excess precision, drops the round trip of a bf16 value between two such ops (a
+  LayerNorm output feeding a projection, softmax probabilities feeding the context product):
+  torch rounds each. The shared layers (Linear, LayerNorm) and the projector (JBU, Hiwin) route
+  every compute-dtype result through here; the ViT's and the LLM's attention probabilities and
+  residual adds do not (yet). A float32 `dtype` is a plain cast."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return x.astype(dtype)
+  return rounded(x, dtype).astype(dtype)
+
+
+def add(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a + b` of two compute-dtype arrays as torch's bf16 add computes it: the float32 sum rounded
+  once (equal to the correctly rounded bf16 sum: float32 has more than 2 x 8 + 2 bits), with a
+  rounding XLA keeps (`round_to`)."""
+  return round_to(a.astype(jnp.float32) + b.astype(jnp.float32), a.dtype)
+
+
+def divide(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a / b correctly rounded, b broadcast to a's shape. XLA rewrites a / broadcast(b) into
+  a * (1 / b) and (a / b) / c into a / (b * c), both off by an ulp; a barrier holding the dividend
+  too hides the divisor."""
+  a, b = jax.lax.optimization_barrier((a, jnp.broadcast_to(b, a.shape).astype(a.dtype)))
+  return a / b
+
+
 def scaled(x: jax.Array, factor: float) -> jax.Array:
   """`factor * x` as torch evaluates a Python scalar times a tensor: the factor as float32, the
   product in float32, rounded once to x's dtype (a weakly typed `x * factor` in JAX would round
   the factor to bf16 first: sqrt(1/128) or 0.1 then change many bf16 products). The rounding is
   `rounded`'s, which XLA keeps even where the product feeds another op."""
-  return rounded(x.astype(jnp.float32) * np.float32(factor), x.dtype).astype(x.dtype)
+  return round_to(x.astype(jnp.float32) * np.float32(factor), x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -140,7 +168,7 @@ class LayerNorm(nnx.Module):
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(self.precision.dtype)
+    return round_to(y, self.precision.dtype)
 
 
 class RMSNorm(nnx.Module):

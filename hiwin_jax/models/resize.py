@@ -6,7 +6,7 @@ rather than a textbook formula: fp32 results match torch 2.x bit for bit in almo
 Float32/float64 compute in their own dtype; bfloat16/float16 compute in float32 ("opmath") and
 round once at the end, as torch does. Two XLA habits matter for exactness: it contracts
 a*b + c into FMAs inside a fusion (as GCC did for torch's AVX2/AVX512 kernels), and it turns
-division by a broadcast or constant into a reciprocal multiply (see `_exact_div`).
+division by a broadcast or constant into a reciprocal multiply (see `layers.divide`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hiwin_jax.models.layers import divide, round_to
 
 _A = -0.75  # torch's Keys cubic coefficient (PIL uses -0.5).
 
@@ -128,7 +130,7 @@ def _resize_bicubic(x, out_hw, axes, fma):
   # input row, so a W pass then an H pass is the same arithmetic.
   for ax, n_out in ((ax_w, out_hw[1]), (ax_h, out_hw[0])):
     y = apply_cubic_weights(y, *cubic_weights(x.shape[ax], n_out, x.dtype, fma), ax)
-  return y.astype(x.dtype)
+  return round_to(y, x.dtype)
 
 
 def resize_bicubic(x: jax.Array, out_hw: Sequence[int], axes: Sequence[int] = (-3, -2),
@@ -150,13 +152,6 @@ def resize_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   m = np.zeros((out_size, in_size), np.float32)
   np.add.at(m, (np.repeat(np.arange(out_size), 4), idx.ravel()), w.ravel())
   return m
-
-
-def _exact_div(a, b):
-  """a / b correctly rounded. XLA rewrites a / broadcast(b) into a * (1 / b) and (a / b) / c
-  into a / (b * c), both off by an ulp; a barrier holding the dividend too hides the divisor."""
-  a, b = jax.lax.optimization_barrier((a, jnp.broadcast_to(b, a.shape).astype(a.dtype)))
-  return a / b
 
 
 def _pool_windows(n_in: int, n_out: int):
@@ -188,7 +183,7 @@ def _adaptive_avg_pool2d(x, out_hw, axes):
   op = _opmath(x.dtype)
   xf = x.astype(op)
   if out_hw == (1, 1):  # torch dispatches this case to input.mean((-1, -2)).
-    return jnp.mean(xf, axis=(ax_h, ax_w), keepdims=True).astype(x.dtype)
+    return round_to(jnp.mean(xf, axis=(ax_h, ax_w), keepdims=True), x.dtype)
   th, vh, ch = _pool_windows(x.shape[ax_h], out_hw[0])
   tw, vw, cw = _pool_windows(x.shape[ax_w], out_hw[1])
 
@@ -214,8 +209,8 @@ def _adaptive_avg_pool2d(x, out_hw, axes):
   shape = list(x.shape)
   shape[ax_h], shape[ax_w] = out_hw
   total = jax.lax.fori_loop(0, th.shape[1], add_row, jnp.zeros(shape, op), unroll=unroll)
-  out = _exact_div(_exact_div(total, bcast(ch.astype(op), ax_h)), bcast(cw.astype(op), ax_w))
-  return out.astype(x.dtype)
+  out = divide(divide(total, bcast(ch.astype(op), ax_h)), bcast(cw.astype(op), ax_w))
+  return round_to(out, x.dtype)
 
 
 def reflect_pad(x: jax.Array, pad: int | Sequence[int],

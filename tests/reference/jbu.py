@@ -21,20 +21,43 @@ def adaptive_conv(up: torch.Tensor, kernel: torch.Tensor, impl: str = "unfold") 
 
   up (B, C, H + 6, W + 6), kernel (B, 49, H, W) -> (B, C, H, W). impl "unfold": FeatUp's
   pure-PyTorch fallback (`F.unfold`: 49 copies of the map, one sample at a time to bound them);
-  "shift": the 49 shifted slices accumulated (memory-lean)."""
+  "shift": the 49 shifted slices accumulated (memory-lean); "fma": the official CUDA kernel's
+  summation order and roundings (for bit-level comparisons)."""
   b, _, h, w = kernel.shape
   if impl == "unfold":
     return torch.cat([
         torch.einsum("bcphw,bphw->bchw",
                      F.unfold(up[i:i + 1], 7).reshape(1, up.shape[1], 49, h, w), kernel[i:i + 1])
         for i in range(b)])
+  if impl == "fma":
+    # The official CUDA kernel's arithmetic: taps row by row, `sum += x * w` in float32, which
+    # nvcc compiles to a fused multiply-add (one rounding per tap). Emulated in float64: the
+    # product of two float32 values is exact there, the sum is rounded to float32 once.
+    out = torch.zeros(up.shape[0], up.shape[1], h, w, dtype=torch.float32)
+    for a in range(7):
+      for c in range(7):
+        term = up[:, :, a:a + h, c:c + w].double() * kernel[:, 7 * a + c:7 * a + c + 1].double()
+        out = (out.double() + term).float()
+    return out
   if impl != "shift":
-    raise ValueError(f"adaptive_conv impl {impl!r}: choose 'unfold' or 'shift'")
+    raise ValueError(f"adaptive_conv impl {impl!r}: choose 'unfold', 'shift' or 'fma'")
   out = 0
   for a in range(7):
     for c in range(7):
       out = out + up[:, :, a:a + h, c:c + w] * kernel[:, 7 * a + c:7 * a + c + 1]
   return out
+
+
+def softmax_taps(logits: torch.Tensor) -> torch.Tensor:
+  """`F.softmax(logits, dim=1)` over the 49 taps, every position computed as torch's vectorised
+  CPU kernel computes it: exp and sum in float32, the quotient rounded once to the logits' dtype.
+
+  torch's bf16 softmax over a non-last dim on CPU handles the positions past the last full
+  vector of each row (16 or 32 wide, by instruction set and thread split) in a scalar loop that
+  rounds each exp to bf16 before dividing: a CPU artifact, which changes ~2% of the JBU's bf16
+  range kernel at these sizes (BUILD_NOTES "Fidelity per release"), and is not what the official
+  GPU run computes. In float32 the two rules are the same."""
+  return F.softmax(logits.float(), dim=1).to(logits.dtype)
 
 
 def _conv1x1(x, sd, name):
@@ -55,7 +78,7 @@ def jbu_step(source, guidance, sd, dt=torch.float32, conv: str = "unfold"):
   keys = _conv1x1(F.gelu(_conv1x1(guidance, sd, "range_proj.0")), sd, "range_proj.3")
   neighbours = F.unfold(F.pad(keys, [3] * 4, mode="reflect"), 7).reshape(b, -1, 49, gh, gw)
   tau = sd["range_temp"].exp().clamp(1e-4, 1e4)
-  rng = F.softmax(tau * torch.einsum("bcphw,bchw->bphw", neighbours, keys), dim=1)
+  rng = softmax_taps(tau * torch.einsum("bcphw,bchw->bphw", neighbours, keys))
   t = torch.linspace(-1, 1, 7, device=source.device)
   ta, tb = torch.meshgrid(t, t, indexing="ij")
   spatial = torch.exp(-(ta ** 2 + tb ** 2) / (2 * sd["sigma_spatial"] ** 2)).reshape(1, 49, 1, 1)
