@@ -141,10 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                   "tensor by tensor. For llava-uhd, --config supplies the ViT geometry, which the "
                   "official config.json does not record.")
   conv.add_argument("direction", choices=["import", "export"])
-  conv.add_argument("--format", required=True, choices=["llava-uhd", "hf-llm", "hf-clip"],
+  conv.add_argument("--format", required=True,
+                    choices=["llava-uhd", "llava-projector", "hf-llm", "hf-clip"],
                     help="llava-uhd: the official LLaVA-UHD v2 checkpoint folder (config.json + "
-                         "safetensors; exported in bf16 unless --dtype); hf-llm: "
-                         "LlamaForCausalLM / Qwen2ForCausalLM; hf-clip: CLIPVisionModel")
+                         "safetensors; exported in bf16 unless --dtype); llava-projector: the "
+                         "projector file stage 1 writes (import: mm_projector.bin or its "
+                         ".safetensors twin, with --config for the geometry; export: a folder "
+                         "with both, from a llava-uhd or llava-projector checkpoint, projector "
+                         "parameters alone are enough); hf-llm: LlamaForCausalLM / "
+                         "Qwen2ForCausalLM; hf-clip: CLIPVisionModel")
   _add_config_args(conv, "vicuna7b", "model")
   conv.add_argument("--input", required=True, help="source folder or file")
   conv.add_argument("--output", required=True,
@@ -281,14 +286,18 @@ def _require(path: str, flag: str, kind: str = "folder") -> pathlib.Path:
 def _convert(args, overrides) -> int:
   from hiwin_jax.convert import formats, llava_uhd
   from hiwin_jax import outputs, weights
-  official = args.format == "llava-uhd"
+  projector = args.format == "llava-projector"
+  official = projector or args.format == "llava-uhd"
   section = "model" if official else formats.FORMATS[args.format].section
   _require(args.input, "--input", "path" if args.direction == "import" else "folder")
   kind = outputs.HIWIN_CHECKPOINT if args.direction == "import" else outputs.MODEL_FOLDER
   # Refused before minutes of conversion, not after.
   outputs.check_destination(args.output, kind, overwrite=args.overwrite, flag="--output")
   if args.direction == "import":
-    if official:
+    if projector:
+      cfg = config.load_config(args.config, overrides).model
+      params = llava_uhd.import_projector(args.input, cfg, args.dtype)
+    elif official:
       base = config.load_config(args.config, overrides).model
       cfg, params = llava_uhd.import_official(args.input, args.dtype, base)
     else:
@@ -298,11 +307,17 @@ def _convert(args, overrides) -> int:
                                overwrite=args.overwrite)
   else:
     params, saved = weights.read_params(args.input)
-    if not saved or saved.get("format") != args.format:
-      raise UsageError(f"--input {args.input}: not a hiwin {args.format} checkpoint "
+    # The projector file is part of a whole-model checkpoint too.
+    readable = ("llava-uhd", "llava-projector") if projector else (args.format,)
+    if not saved or saved.get("format") not in readable:
+      raise UsageError(f"--input {args.input}: not a hiwin {' or '.join(readable)} checkpoint "
                        f"(its {weights.CONFIG_NAME} says format "
                        f"{saved and saved.get('format')!r})")
-    if official:
+    if projector:
+      out = llava_uhd.export_projector_folder(params, config.model_from_dict(saved[section]),
+                                              args.output, args.dtype or "bfloat16",
+                                              overwrite=args.overwrite)
+    elif official:
       cfg = config.model_from_dict(saved[section])
       out = llava_uhd.export_official(params, cfg, args.output, args.dtype or "bfloat16",
                                       overwrite=args.overwrite)

@@ -74,7 +74,7 @@ HIWIN_CHECKPOINT = OutputKind("a hiwin parameter checkpoint",
 MODEL_FOLDER = OutputKind("a PyTorch model folder",
                           ("config.json", "generation_config.json", "*.safetensors",
                            "*.safetensors.index.json", "pytorch_model*.bin",
-                           "pytorch_model.bin.index.json", "*.ckpt"))
+                           "pytorch_model.bin.index.json", "*.ckpt", "mm_projector.bin"))
 
 
 # --- folders and files ------------------------------------------------------------------------

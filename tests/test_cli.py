@@ -80,6 +80,46 @@ def test_official_checkpoint_round_trip_through_the_cli(tmp_path):
       "adapt_spatial_resampler"
 
 
+def test_projector_file_round_trip_through_the_cli(tmp_path):
+  """export --format llava-projector from a whole-model checkpoint, import the file alone, export
+  again from the projector-only checkpoint: every key of the released file, the parameters bit
+  for bit (the never-called featurizer copy is filled from the ViT, or zeros without one)."""
+  import safetensors.numpy
+  import torch
+  cfg = load_config("tiny").model
+  cfg.llm.num_kv_heads = cfg.llm.num_heads
+  rng = np.random.default_rng(4)
+  tensors = {k: rng.standard_normal(s).astype(ml_dtypes.bfloat16)
+             for k, s in sorted(model_shapes(cfg).items())}
+  write_sharded(tmp_path / "official", tensors.items())
+  (tmp_path / "official" / "config.json").write_text(json.dumps(config_json(cfg)))
+  convert = lambda *a: cli.main(["convert", *map(str, a)])
+  assert convert("import", "--format", "llava-uhd", "--config", "tiny", "--input",
+                 tmp_path / "official", "--output", tmp_path / "whole") == 0
+  assert convert("export", "--format", "llava-projector", "--input", tmp_path / "whole",
+                 "--output", tmp_path / "proj") == 0
+  assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == [
+      "mm_projector.bin", "mm_projector.safetensors"]
+  from hiwin_jax.convert.llava_uhd import CHANNEL_NORM, DEAD_CLIP
+  first = safetensors.numpy.load_file(tmp_path / "proj" / "mm_projector.safetensors")
+  keys = {k for k in tensors if k.startswith("model.mm_projector.")}
+  want = {k: tensors[k] for k in keys if not k.startswith((DEAD_CLIP, CHANNEL_NORM))}
+  assert set(first) == keys and 0 < len(want) < len(keys)
+  for k, v in want.items():
+    np.testing.assert_array_equal(first[k].view(np.uint16), v.view(np.uint16), err_msg=k)
+  assert convert("import", "--format", "llava-projector", "--config", "tiny", "--input",
+                 tmp_path / "proj" / "mm_projector.bin", "--output", tmp_path / "alone") == 0
+  assert convert("export", "--format", "llava-projector", "--input", tmp_path / "alone",
+                 "--output", tmp_path / "again") == 0
+  back = torch.load(tmp_path / "again" / "mm_projector.bin", weights_only=True)
+  assert set(back) == keys
+  for k, v in want.items():
+    np.testing.assert_array_equal(back[k].view(torch.int16).numpy(), v.view(np.int16), err_msg=k)
+  # a projector-only checkpoint is not a whole model
+  assert convert("export", "--format", "llava-uhd", "--input", tmp_path / "alone", "--output",
+                 tmp_path / "nope") == 2
+
+
 def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   code = cli.main(["convert", "export", "--format", "hf-llm", "--input", str(tmp_path / "empty"),

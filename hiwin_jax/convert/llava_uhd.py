@@ -31,6 +31,7 @@ from hiwin_jax.convert.safetensors_io import (CheckpointError, SafetensorsReader
                                               write_sharded)
 
 PROJ = "model.mm_projector."
+PROJECTOR_FILE = "mm_projector.bin"  # the name stage 1 gives it
 VISION = "model.vision_tower.vision_tower.vision_model."
 JBU = PROJ + "upsampler.upsampler."
 DEAD_CLIP = PROJ + "upsampler.model.0.vision_tower.vision_model."
@@ -238,3 +239,14 @@ def export_projector(params: dict[str, np.ndarray], cfg_model, path: str | pathl
   if safetensors:
     write_safetensors(path.with_suffix(".safetensors"), tensors.items())
   return path
+
+
+def export_projector_folder(params: dict[str, np.ndarray], cfg_model,
+                            folder: str | pathlib.Path, dtype: str | None = "bfloat16", *,
+                            overwrite: bool = False) -> pathlib.Path:
+  """`hiwin convert export --format llava-projector`: `folder` with `mm_projector.bin` and its
+  `.safetensors` twin (`export_projector`), written completely or not at all."""
+  with outputs.atomic_folder(folder, outputs.MODEL_FOLDER, overwrite=overwrite,
+                             flag="--output") as tmp:
+    export_projector(params, cfg_model, tmp / PROJECTOR_FILE, dtype, safetensors=True)
+  return pathlib.Path(folder)
