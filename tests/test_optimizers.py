@@ -3,6 +3,7 @@ against a numpy AdamW reference."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -20,7 +21,8 @@ def _adamw_reference(p, grads, lr, ocfg, steps):
     m = ocfg.b1 * m + (1 - ocfg.b1) * g
     v = ocfg.b2 * v + (1 - ocfg.b2) * g * g
     mhat, vhat = m / (1 - ocfg.b1 ** t), v / (1 - ocfg.b2 ** t)
-    p = p - lr * (mhat / (np.sqrt(vhat) + ocfg.eps) + ocfg.weight_decay * p)
+    decay = ocfg.weight_decay if p.ndim > 1 else 0.0  # biases and norm scales: none
+    p = p - lr * (mhat / (np.sqrt(vhat) + ocfg.eps) + decay * p)
   return p
 
 
@@ -59,3 +61,33 @@ def test_zero_means_lr_and_negative_is_refused():
   ocfg.vision_lr = -1.0
   with pytest.raises(ValueError, match="optimizer.vision_lr -1.0 must be >= 0"):
     optimizers.make_optimizer(ocfg, 10)
+
+
+def test_weight_decay_spares_biases_and_norm_scales_of_the_real_model():
+  """On the tiny LlavaUHD's own parameter tree, with zero gradients, AdamW's decay shrinks the
+  matrices only; and every parameter's path names its top-level module."""
+  from hiwin_jax.models.layers import Precision
+  from hiwin_jax.models.llava_uhd import LlavaUHD
+  cfg = config.load_config("tiny_stage2")
+  model = nnx.eval_shape(lambda: LlavaUHD(cfg.model, Precision(), rngs=nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, jnp.float32), state)
+  ocfg = config.adamw_config()
+  ocfg.update(lr=1e-2, schedule="constant", grad_clip=0.0, weight_decay=0.1, vision_lr=1e-3)
+  tx = optimizers.make_optimizer(ocfg, 1).tx
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  seen = set()
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    name = jax.tree_util.keystr(path)
+    seen.add(optimizers.top_module(path))
+    moved = bool(jnp.any(u != 0))
+    assert moved == (u.ndim > 1), name
+    if u.ndim > 1:  # decoupled decay: lr * wd * p, at the module's own rate
+      rate = 1e-3 if optimizers.top_module(path) == "vision" else 1e-2
+      np.testing.assert_allclose(np.asarray(u).ravel()[0], -rate * 0.1, rtol=1e-6, err_msg=name)
+  assert {"vision", "jbu", "projector", "llm"} <= seen
+
+
+def test_a_path_without_a_module_name_is_an_error():
+  with pytest.raises(ValueError, match="does not start with a module name"):
+    optimizers.top_module((jax.tree_util.SequenceKey(0),))

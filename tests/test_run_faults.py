@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -238,7 +239,7 @@ def test_a_non_empty_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
   assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_temporary_names_are_unique_to_the_host_and_the_process(tmp_path, monkeypatch):
+def test_temporary_names_are_unique_to_the_host_process_and_thread(tmp_path, monkeypatch):
   seen = []
   real_open = open
 
@@ -250,7 +251,8 @@ def test_temporary_names_are_unique_to_the_host_and_the_process(tmp_path, monkey
   with outputs.atomic_file(tmp_path / "a.txt") as f:
     f.write("x")
   monkeypatch.undo()
-  assert seen and seen[0].endswith(f"-{socket.gethostname()}-{os.getpid()}"), seen
+  assert seen and seen[0].endswith(
+      f"-{socket.gethostname()}-{os.getpid()}-t{threading.get_native_id()}"), seen
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 

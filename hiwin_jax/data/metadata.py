@@ -113,7 +113,7 @@ def scan(source: Source, tokenizer, settings: Settings, cache_dir: str | None = 
       # earlier pass exists all along: mere existence would merge it).
       others = [s for s in others if _identity(files[s]) == before[s]]
       peers = [folder / f"process-{p}-of-{process_count}" for p in range(process_count)]
-      if others and all(_alive(m) for m in peers):
+      if others and all(_peer_alive(m) for m in peers):
         marker.touch()
         time.sleep(1.0)
         continue
@@ -125,7 +125,7 @@ def scan(source: Source, tokenizer, settings: Settings, cache_dir: str | None = 
   return meta
 
 
-def _alive(marker: pathlib.Path) -> bool:
+def _peer_alive(marker: pathlib.Path) -> bool:
   try:
     return time.time() - marker.stat().st_mtime < ALIVE_S
   except FileNotFoundError:

@@ -68,10 +68,28 @@ def scale_by_module(factors: dict[str, float]) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     del params
     scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * factors.get(getattr(path[0], "key", None), 1.0), updates)
+        lambda path, u: u * factors.get(top_module(path), 1.0), updates)
     return scaled, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def top_module(path) -> str:
+  """The top-level module name of a parameter's tree path (a dict key or an attribute name);
+  a path that has none is a bug, not a parameter that silently keeps the base rate."""
+  entry = path[0] if path else None
+  name = getattr(entry, "key", getattr(entry, "name", None))
+  if not isinstance(name, str):
+    raise ValueError(f"parameter path {jax.tree_util.keystr(tuple(path))} does not start with a "
+                     f"module name: per-module learning rates cannot be applied")
+  return name
+
+
+def decay_mask(params):
+  """Which parameters AdamW's weight decay applies to: matrices and larger, not biases, norm
+  scales or 0-d scalars (as HF's Trainer, which trained the official model, excludes biases and
+  LayerNorm/RMSNorm weights)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def make_optimizer(ocfg, total_steps: int) -> Optimizer:
@@ -80,7 +98,7 @@ def make_optimizer(ocfg, total_steps: int) -> Optimizer:
   if ocfg.name == "adamw":
     parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
-                             weight_decay=ocfg.weight_decay))
+                             weight_decay=ocfg.weight_decay, mask=decay_mask))
     factors = module_lr_factors(ocfg)
     if factors:
       parts.append(scale_by_module(factors))
