@@ -5,6 +5,9 @@
   python -m benchmarks.device_check --only conv-pallas_gpu --repeats 5
   python -m benchmarks.device_check --smoke               # every case at tiny shapes on the CPU
                                                           # (Pallas in interpret mode): CI
+  python benchmarks/device_check.py --smoke               # the same, started as a file
+
+On a device the cases run one at a time; `--smoke` runs two side by side (`--jobs`).
 
 Writes `--out` (default device_check.json: the machine, the card's name, driver, jax/jaxlib
 versions and one record per case) and the same table as markdown next to it (.md), and prints the
@@ -54,15 +57,20 @@ Peaks: the vendor's numbers for the card (`CARDS`, looked up by device kind); th
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 
-from benchmarks.harness import jit_init, machine, measure, report_child, run_child
+if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import jit_init, machine, measure, module_name, report_child, run_child
 
 # device kind substring (first match wins) -> HBM bytes/s, fp32 (non-tensor-core) FLOP/s, dense
 # bf16 FLOP/s: vendor data sheets (SXM parts unless named).
@@ -403,6 +411,9 @@ def markdown(report: dict) -> str:
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI)")
+  p.add_argument("--jobs", type=int, default=None,
+                 help="cases run side by side (default 1; 2 with --smoke, where nothing is timed "
+                      "for the record)")
   p.add_argument("--only", help="comma-separated cases (default: every case of the backend)")
   p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement "
                  "(default 3; 1 with --smoke)")
@@ -414,6 +425,7 @@ def main() -> int:
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   repeats = args.repeats or (1 if args.smoke else 3)
+  args.jobs = args.jobs or (2 if args.smoke else 1)
   if args.child:
     return report_child(args.only, run_case(args.only, args.smoke, repeats))
 
@@ -432,7 +444,7 @@ def main() -> int:
 
   def run(name, timeout):
     t = time.perf_counter()
-    row = run_child(__spec__.name, name, extra, env, timeout=timeout)
+    row = run_child(module_name(__file__), name, extra, env, timeout=timeout)
     row["wall_s"] = time.perf_counter() - t
     print(f"{name:<20}{row['wall_s']:6.0f} s  {summary(name, row)}", flush=True)
     return row
@@ -461,16 +473,27 @@ def main() -> int:
   names = only or cases(info["platform"])
   rows = {"info": info}
   table = write(rows)
-  for name in names:
+  lock = threading.Lock()
+
+  def one(name):
     # A case starts only with time left to finish it inside the budget (30 s: process start and
     # jax import), and is cut at the budget's end.
     elapsed = time.perf_counter() - start
     if elapsed + 30 >= args.budget:
-      rows[name] = {"name": name, "error": f"skipped: over the {args.budget:.0f} s budget",
-                    "wall_s": 0.0}
+      row = {"name": name, "error": f"skipped: over the {args.budget:.0f} s budget",
+             "wall_s": 0.0}
     else:
-      rows[name] = run(name, min(limit, args.budget - elapsed))
-    table = write(rows)
+      row = run(name, min(limit, args.budget - elapsed))
+    with lock:
+      rows[name] = row
+      write({"info": info, **{n: rows[n] for n in names if n in rows}})
+
+  # On a device the cases run one at a time (each times the card alone); the CPU smoke runs
+  # `--jobs` of them side by side, as they only prove the code paths.
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    list(pool.map(one, names))
+  rows = {"info": info, **{n: rows[n] for n in names}}
+  table = write(rows)
   print("\n" + table)
   return 1 if any(r.get("error") for r in rows.values()) else 0
 

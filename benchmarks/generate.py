@@ -53,9 +53,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-from benchmarks.harness import jit_init, measure, print_table, report_child, run_children
+if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import (jit_init, measure, module_name, print_table, report_child,
+                                run_children)
 
 IMAGE_WH = (1008, 672)
 CASES = ["jax_b1", "jax_b8", "torch_b1", "torch_b8"]
@@ -331,7 +336,7 @@ def main() -> None:
   extra = ["--config", args.config, "--repeats", str(args.repeats), "--new-tokens",
            str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--hbm-gbps",
            str(args.hbm_gbps)]
-  rows = run_children(__spec__.name, names, extra)
+  rows = run_children(module_name(__file__), names, extra)
   n = args.new_tokens
   print(f"config {args.config}; 1008x672 image + {args.prompt_tokens} prompt tokens; N = {n}; "
         f"'seconds' = prefill incl. vision; decode = N single-token steps from a prefilled "

@@ -53,17 +53,34 @@ def report_child(name: str, result: dict) -> None:
   print(json.dumps({"name": name, **result}))
 
 
+# The repository root, put on the children's PYTHONPATH: `python -m benchmarks.<module>` then
+# works from any working directory (which stays the parent's, for relative paths).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def module_name(file: str) -> str:
+  """`benchmarks.<name>` of a benchmark script's `__file__`, however it was started (as a module
+  or as `python benchmarks/<name>.py`, where `__spec__` is None)."""
+  return "benchmarks." + os.path.splitext(os.path.basename(file))[0]
+
+
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+  out = {**os.environ, **(env or {})}
+  out["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, out.get("PYTHONPATH")) if p)
+  return out
+
+
 def run_child(module: str, name: str, extra_args: list[str], env: dict[str, str] | None = None,
               timeout: float | None = None) -> dict:
   """Runs one case as `python -m <module> --child --only <name> ...` in a fresh process (its own
-  peak memory; nothing cached between cases), from the current directory (the repository root),
+  peak memory; nothing cached between cases), from any working directory (`_child_env`),
   with `env` over this process's environment. A failure or a timeout becomes the row's `error`
   (stderr's last line) and `stderr_tail` (its last 4000 characters, for the traceback), so one
   case never stops the others."""
   cmd = [sys.executable, "-m", module, "--child", "--only", name, *extra_args]
   failed = {"name": name, "seconds": None, "peak_mb": None}
   try:
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(env),
                          timeout=timeout)
   except subprocess.TimeoutExpired as e:
     stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""

@@ -15,8 +15,13 @@ at a time, since all 7 at once need ~13 GB for the 4x step alone). Peak memory: 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from benchmarks.harness import measure, print_table, report_child, run_children
+if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import measure, module_name, print_table, report_child, run_children
 
 C, SLICES, GRID = 1024, 7, 24
 CASES = ["jax-fwd", "jax-fwdbwd", "torch_shift-fwd", "torch_shift-fwdbwd", "torch_unfold-fwd",
@@ -67,7 +72,7 @@ def main():
     result = (run_jax(backward, args.repeats) if impl == "jax"
               else run_torch(impl.split("_")[1], backward, args.repeats))
     return report_child(args.only, result)
-  rows = run_children(__spec__.name, [args.only] if args.only else CASES,
+  rows = run_children(module_name(__file__), [args.only] if args.only else CASES,
                       ["--repeats", str(args.repeats)])
   print_table(rows, args.repeats)
   for mode in ("fwd", "fwdbwd"):

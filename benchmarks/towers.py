@@ -16,8 +16,14 @@ framework itself; set-up transients before the warm-up are excluded).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from benchmarks.harness import jit_init, measure, print_table, report_child, run_children
+if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import (jit_init, measure, module_name, print_table, report_child,
+                                run_children)
 
 LLM = dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
            head_dim=64, mlp_dim=5632)
@@ -79,7 +85,7 @@ def main():
     which, impl = args.only.split("-")
     return report_child(args.only, (run_jax if impl == "jax" else run_torch)(which, args.repeats))
   names = [args.only] if args.only else ["clip-jax", "clip-torch", "llm-jax", "llm-torch"]
-  rows = run_children(__spec__.name, names, ["--repeats", str(args.repeats)])
+  rows = run_children(module_name(__file__), names, ["--repeats", str(args.repeats)])
   print_table(rows, args.repeats)
   for which in ("clip", "llm"):
     jax_s = rows.get(f"{which}-jax", {}).get("seconds")

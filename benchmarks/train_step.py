@@ -74,7 +74,10 @@ import os
 import sys
 import time
 
-from benchmarks.harness import machine, measure, report_child, run_children
+if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import machine, measure, module_name, report_child, run_children
 
 SEQ_LEN = 512
 IMAGES_WH = ((672, 336), (336, 672))
@@ -403,7 +406,7 @@ def main():
   rows, loads = {}, {}
   for name in names:  # one at a time, so the load average next to each row is its own
     before = os.getloadavg()[0]
-    rows.update(run_children(__spec__.name, [name], extra))
+    rows.update(run_children(module_name(__file__), [name], extra))
     loads[name] = (before, os.getloadavg()[0])
 
   peaks = [r["flops_per_s"] for n, r in rows.items() if n.startswith("peak") and r.get("seconds")]

@@ -63,9 +63,15 @@ FLOPs (a multiply-add counts 2):
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-from benchmarks.harness import jit_init, measure, print_table, report_child, run_children
+if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import (jit_init, measure, module_name, print_table, report_child,
+                                run_children)
 
 IMAGE_WH = (1008, 672)
 MAX_SLICE_NUMS = 9          # evaluation (spec §1.1); 7 at training gives the same 3x2 grid here
@@ -275,7 +281,7 @@ def main():
         f"({plan.overview_patches[0]}x{plan.overview_patches[1]} patches); "
         f"{'REDUCED widths (--small): ' if args.small else ''}ViT width {dims['vision_width']}, "
         f"{dims['vision_layers']} layers; Hiwin E={dims['embed']}, {dims['heads']} heads; fp32")
-  rows = run_children(__spec__.name, [args.only] if args.only else CASES,
+  rows = run_children(module_name(__file__), [args.only] if args.only else CASES,
                       ["--repeats", str(args.repeats)] + (["--small"] if args.small else []))
   print_table(rows, args.repeats)
   jx, pt = rows.get("jax", {}), rows.get("torch", {})

@@ -50,9 +50,10 @@ def test_conv_roofline_is_the_jbu_kernel_notes_bound_at_the_4x_step():
 def test_smoke_runs_every_case_on_cpu(tmp_path):
   out = tmp_path / "check.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.device_check", "--smoke", "--out", str(out),
-       "--cache-dir", str(tmp_path / "cache"), "--budget", "100000"],
-      cwd=ROOT, capture_output=True, text=True, timeout=1800,
+      # started as the issue writes it, as a file, from outside the repository
+      [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--smoke", "--out",
+       str(out), "--cache-dir", str(tmp_path / "cache"), "--budget", "100000"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=1800,
       # The script as a user runs it: one CPU device, not the 8 fake ones conftest sets up.
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
