@@ -191,7 +191,7 @@ def case_jbu(impl: str, smoke: bool, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from hiwin_jax.models.jbu import stack4x_programs
+  from hiwin_jax.train.aot import stack4x_programs
   from hiwin_jax.models.layers import Precision
   c, items, grid = (8, 2, 5) if smoke else (1024, 7, 24)
   precision = Precision(dtype=jnp.bfloat16, param_dtype=jnp.float32)

@@ -30,7 +30,7 @@ CASES = ["jax-fwd", "jax-fwdbwd", "torch_shift-fwd", "torch_shift-fwdbwd", "torc
 
 def run_jax(backward: bool, repeats: int) -> dict:
   import jax
-  from hiwin_jax.models.jbu import stack4x_programs
+  from hiwin_jax.train.aot import stack4x_programs
   from hiwin_jax.models.layers import Precision
 
   forward, grad, state = stack4x_programs(C, precision=Precision(), conv_impl="xla")

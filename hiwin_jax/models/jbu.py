@@ -319,23 +319,3 @@ class JBUStack(nnx.Module):
     fix = self.fixup_proj(dropout2d(x, 0.2, rngs[-1]))
     out[f"feat{self.scale}x"] = add(x, scaled(fix, _TENTH))
     return out
-
-
-def stack4x_programs(channels: int, *, precision: Precision, conv_impl: str,
-                     abstract: bool = False):
-  """(forward, grad, state): the JBU 4x stack workload that benchmarks/jbu.py,
-  benchmarks/device_check.py and `hiwin aot --jbu` time or compile, defined once.
-
-  forward(state, source, pixels) -> feat4x [B, 4h, 4w, C]; grad(state, source, pixels) -> the
-  gradients of sum(feat4x^2) (in float32) w.r.t. (state, source), i.e. every JBU parameter and the
-  source; source [B, h, w, C], pixels [B, 14h, 14w, 3]. Neither is jitted (callers jit, lower or
-  time them). `state`: a `JBUStack(channels)` initialised from nnx.Rngs(0), or its
-  ShapeDtypeStructs with `abstract` (nothing allocated)."""
-  make = lambda: JBUStack(channels, precision=precision, conv_impl=conv_impl, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(nnx.eval_shape(make) if abstract else make())
-
-  def forward(state, source, pixels):
-    return nnx.merge(graphdef, state)(source, pixels)["feat4x"]
-
-  grad = jax.grad(lambda st, x, px: jnp.sum(forward(st, x, px).astype(_F32) ** 2), argnums=(0, 1))
-  return forward, grad, state

@@ -40,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from hiwin_jax.data import layout
@@ -340,13 +341,33 @@ class JbuResult:
   compile_s: float
 
 
+def stack4x_programs(channels: int, *, precision, conv_impl: str, abstract: bool = False):
+  """(forward, grad, state): the JBU 4x stack workload that benchmarks/jbu.py,
+  benchmarks/device_check.py and `hiwin aot --jbu` time or compile, defined once.
+
+  forward(state, source, pixels) -> feat4x [B, 4h, 4w, C]; grad(state, source, pixels) -> the
+  gradients of sum(feat4x^2) (in float32) w.r.t. (state, source), i.e. every JBU parameter and the
+  source; source [B, h, w, C], pixels [B, 14h, 14w, 3]. Neither is jitted (callers jit, lower or
+  time them). `state`: a `JBUStack(channels)` initialised from nnx.Rngs(0), or its
+  ShapeDtypeStructs with `abstract` (nothing allocated)."""
+  from hiwin_jax.models.jbu import JBUStack
+  make = lambda: JBUStack(channels, precision=precision, conv_impl=conv_impl, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(nnx.eval_shape(make) if abstract else make())
+
+  def forward(state, source, pixels):
+    return nnx.merge(graphdef, state)(source, pixels)["feat4x"]
+
+  grad = jax.grad(lambda st, x, px: jnp.sum(forward(st, x, px).astype(jnp.float32) ** 2),
+                  argnums=(0, 1))
+  return forward, grad, state
+
+
 def compile_jbu(topology: str, impl: str, backward: bool, *, items: int = 7, grid: int = 24,
                 channels: int = 1024, dtype: str = "bfloat16") -> JbuResult:
   """Compiles the JBU 4x stack for one chip of `topology` (see the module docstring): source
   [items, grid, grid, channels] in `dtype`, pixels [items, 14 grid, 14 grid, 3] float32,
   parameters float32; forward = feat4x; backward = the gradients of sum(feat4x^2) w.r.t. every
   JBU parameter and the source."""
-  from hiwin_jax.models.jbu import stack4x_programs
   from hiwin_jax.models.layers import DTYPES, Precision
   topo = parse_topology(topology)
   device = jax.sharding.SingleDeviceSharding(abstract_devices(topo)[0])
