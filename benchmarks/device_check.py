@@ -426,6 +426,8 @@ def main() -> int:
   args = p.parse_args()
   repeats = args.repeats or (1 if args.smoke else 3)
   args.jobs = args.jobs or (2 if args.smoke else 1)
+  if args.jobs > 1 and not args.smoke:
+    p.error(f"--jobs {args.jobs}: a device run times each case on the card alone (one at a time)")
   if args.child:
     return report_child(args.only, run_case(args.only, args.smoke, repeats))
 

@@ -290,7 +290,8 @@ def _convert(args, overrides) -> int:
   official = projector or args.format == "llava-uhd"
   section = "model" if official else formats.FORMATS[args.format].section
   _require(args.input, "--input", "path" if args.direction == "import" else "folder")
-  kind = outputs.HIWIN_CHECKPOINT if args.direction == "import" else outputs.MODEL_FOLDER
+  kind = (outputs.HIWIN_CHECKPOINT if args.direction == "import" else
+          outputs.PROJECTOR_FOLDER if projector else outputs.MODEL_FOLDER)
   # Refused before minutes of conversion, not after.
   outputs.check_destination(args.output, kind, overwrite=args.overwrite, flag="--output")
   if args.direction == "import":

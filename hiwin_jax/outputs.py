@@ -74,7 +74,10 @@ HIWIN_CHECKPOINT = OutputKind("a hiwin parameter checkpoint",
 MODEL_FOLDER = OutputKind("a PyTorch model folder",
                           ("config.json", "generation_config.json", "*.safetensors",
                            "*.safetensors.index.json", "pytorch_model*.bin",
-                           "pytorch_model.bin.index.json", "*.ckpt", "mm_projector.bin"))
+                           "pytorch_model.bin.index.json", "*.ckpt"))
+# The projector file of stage 1 (`hiwin convert export --format llava-projector`).
+PROJECTOR_FOLDER = OutputKind("a projector file folder",
+                              ("mm_projector.bin", "mm_projector.safetensors"))
 
 
 # --- folders and files ------------------------------------------------------------------------
@@ -180,7 +183,7 @@ def _clean_after_killed_writers(dest: pathlib.Path) -> None:
   pid is in their names); if one was killed between its two renames (`dest` missing, its
   `.old-` sibling there), renames the old folder back first."""
   host = socket.gethostname()
-  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)-t\d+")
+  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)(?:-t\d+)?")
   try:
     names = sorted(os.listdir(dest.parent))
   except OSError:

@@ -1,5 +1,6 @@
 """Comparison helpers shared by the numerical tests."""
 
+import ml_dtypes
 import numpy as np
 
 
@@ -18,3 +19,9 @@ def assert_close(actual, expected, tol: float, what: str = "") -> None:
   err, where = max_rel_err(actual, expected)
   assert err <= tol, (f"{what}: max relative error {err:.3e} > {tol:.1e} at index {where} "
                       f"(got {np.asarray(actual)[where]!r}, expected {np.asarray(expected)[where]!r})")
+
+
+def bf16_values(x) -> np.ndarray:
+  """float32 `x` rounded to the nearest bfloat16 values, as float32: inputs and weights both
+  sides of a bf16 comparison start from exactly."""
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from hiwin_jax.models.hiwin import HiwinProjector, sincos_pos_embed
 from hiwin_jax.models.layers import Precision
-from tests.numerics import assert_close
+from tests.numerics import assert_close, bf16_values
 
 torch = pytest.importorskip("torch")
 
@@ -168,10 +168,6 @@ def test_hiwin_bf16_runs_close_to_fp32():
   assert_close(got.astype(np.float32)[:4], want[:4], 2e-2, "bf16 vs fp32")
 
 
-def _bf16_values(x):
-  return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
-
-
 @pytest.mark.parametrize("mask, scales", [(5, (1, 4)), (7, (1, 2, 4))])
 def test_hiwin_bf16_rounds_where_torch_rounds(mask, scales):
   """The official-attention projector in bf16, jitted, against the reference run in bf16 by torch
@@ -183,13 +179,13 @@ def test_hiwin_bf16_rounds_where_torch_rounds(mask, scales):
   flipping a bf16 rounding); the chain of LayerNorms and E-wide projections spreads those."""
   model = HiwinProjector(config(mask, "official"), Precision(jnp.bfloat16, jnp.bfloat16),
                          rngs=nnx.Rngs(2))
-  params = {k: _bf16_values(v) for k, v in randomised(model, seed=3).items()}
+  params = {k: bf16_values(v) for k, v in randomised(model, seed=3).items()}
   state = nnx.state(model, nnx.Param)
   for path, leaf in nnx.to_flat_state(state):
     leaf.set_value(jnp.asarray(params[".".join(map(str, path))], jnp.bfloat16))
   nnx.update(model, state)
   levels, grid, _ = canvas_batch(7, scales)
-  levels = {s: _bf16_values(v) for s, v in levels.items()}
+  levels = {s: bf16_values(v) for s, v in levels.items()}
   items = [{s: torch.from_numpy(levels[s][n, :s * h, :s * w].transpose(2, 0, 1)[None].copy())
             for s in scales} for n, (h, w) in enumerate(GRIDS) if h]
   got = run(model, {s: v.astype(jnp.bfloat16) for s, v in levels.items()}, grid)

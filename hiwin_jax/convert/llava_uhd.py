@@ -222,7 +222,8 @@ def export_official(params: dict[str, np.ndarray], cfg_model, folder: str | path
   folder appears complete or not at all; a non-empty one is refused unless `overwrite` (then
   replaced whole, if it holds only model files)."""
   name = dtype or dtype_name(params["llm.norm.scale"].dtype)
-  with outputs.atomic_folder(folder, outputs.MODEL_FOLDER, overwrite=overwrite) as tmp:
+  with outputs.atomic_folder(folder, outputs.MODEL_FOLDER, overwrite=overwrite,
+                             flag="--output") as tmp:
     write_sharded(tmp, official_tensors(params, cfg_model, dtype), max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(config_to_json(cfg_model, name), indent=2))
   return pathlib.Path(folder)
@@ -246,7 +247,7 @@ def export_projector_folder(params: dict[str, np.ndarray], cfg_model,
                             overwrite: bool = False) -> pathlib.Path:
   """`hiwin convert export --format llava-projector`: `folder` with `mm_projector.bin` and its
   `.safetensors` twin (`export_projector`), written completely or not at all."""
-  with outputs.atomic_folder(folder, outputs.MODEL_FOLDER, overwrite=overwrite,
+  with outputs.atomic_folder(folder, outputs.PROJECTOR_FOLDER, overwrite=overwrite,
                              flag="--output") as tmp:
     export_projector(params, cfg_model, tmp / PROJECTOR_FILE, dtype, safetensors=True)
   return pathlib.Path(folder)

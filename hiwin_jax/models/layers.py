@@ -121,19 +121,24 @@ def round_to(x: jax.Array, dtype: Any) -> jax.Array:
   rounding XLA keeps. XLA:CPU computes bf16 dots and elementwise ops in float32 and, with its
   default excess precision, drops the round trip of a bf16 value between two such ops (a
   LayerNorm output feeding a projection, softmax probabilities feeding the context product):
-  torch rounds each. The shared layers (Linear, LayerNorm) and the projector (JBU, Hiwin) route
-  every compute-dtype result through here; the ViT's and the LLM's attention probabilities and
-  residual adds do not (yet). A float32 `dtype` is a plain cast."""
-  if jnp.dtype(dtype) == jnp.float32:
+  torch rounds each. The shared Linear and LayerNorm and the projector (JBU, Hiwin) route every
+  compute-dtype result through here; RMSNorm and the ViT's and the LLM's attention probabilities
+  and residual adds do not (yet). Only a bfloat16 `dtype` gets the kept rounding (its exponent
+  range is float32's, so `reduce_precision` is exact there); any other is a plain cast (float16's
+  `reduce_precision` would flush subnormals, float32/64 need none)."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
     return x.astype(dtype)
   return rounded(x, dtype).astype(dtype)
 
 
 def add(a: jax.Array, b: jax.Array) -> jax.Array:
-  """`a + b` of two compute-dtype arrays as torch's bf16 add computes it: the float32 sum rounded
-  once (equal to the correctly rounded bf16 sum: float32 has more than 2 x 8 + 2 bits), with a
-  rounding XLA keeps (`round_to`)."""
-  return round_to(a.astype(jnp.float32) + b.astype(jnp.float32), a.dtype)
+  """`a + b` of two arrays of one compute dtype as torch's bf16 add computes it: the sum in
+  float32 (or wider) rounded once (for bf16 equal to the correctly rounded bf16 sum: float32 has
+  more than 2 x 8 + 2 bits), with a rounding XLA keeps (`round_to`)."""
+  if a.dtype != b.dtype:
+    raise TypeError(f"add: operands of one dtype expected, got {a.dtype} and {b.dtype}")
+  wide = jnp.promote_types(a.dtype, jnp.float32)
+  return round_to(a.astype(wide) + b.astype(wide), a.dtype)
 
 
 def divide(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,9 @@ from hiwin_jax.data import layout
 from hiwin_jax.data.slicing import PATCH_SIZE
 from hiwin_jax.parallel import mesh as mesh_lib
 from hiwin_jax.parallel import sharding
+
+if TYPE_CHECKING:
+  from hiwin_jax.models.layers import Precision
 
 GIB = 2 ** 30
 
@@ -266,7 +270,7 @@ class AotResult:
         (f"parameters: {self.num_trainable / 1e6:.1f} M trainable, "
          f"{self.num_frozen / 1e6:.1f} M frozen"),
         (self.memory.line(c.hbm_gib) if self.memory else
-         f"per chip: DOES NOT FIT, the compiler refused it: {self.refusal}"),
+         f"per chip: DOES NOT FIT, the compiler refused it: {self.refusal[:300]}"),
         (f"FLOPs per step: {self.model_flops / 1e12:.4g} TFLOP (model), {xla}; at 100% of "
          f"{c.peak_tflops:g} TFLOP/s/chip >= {step_s:.3g} s/step"),
         f"lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s",
@@ -296,9 +300,9 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
     xla_flops = CostReport.from_compiled(compiled).flops
   except jax.errors.JaxRuntimeError as e:
     # A program that cannot fit the chip's HBM is an answer ("does not fit"), not a failure.
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    if "RESOURCE_EXHAUSTED" not in str(e) or "HBM" not in str(e):
       raise
-    refusal = str(e).strip().splitlines()[0]
+    refusal = " ".join(str(e).split())
   t2 = time.perf_counter()
   return AotResult(
       topo, dict(mesh.shape), cfg.model.llm.attention,
@@ -341,7 +345,8 @@ class JbuResult:
   compile_s: float
 
 
-def stack4x_programs(channels: int, *, precision, conv_impl: str, abstract: bool = False):
+def stack4x_programs(channels: int, *, precision: Precision, conv_impl: str,
+                     abstract: bool = False):
   """(forward, grad, state): the JBU 4x stack workload that benchmarks/jbu.py,
   benchmarks/device_check.py and `hiwin aot --jbu` time or compile, defined once.
 

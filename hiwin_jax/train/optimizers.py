@@ -86,10 +86,15 @@ def top_module(path) -> str:
 
 
 def decay_mask(params):
-  """Which parameters AdamW's weight decay applies to: matrices and larger, not biases, norm
-  scales or 0-d scalars (as HF's Trainer, which trained the official model, excludes biases and
-  LayerNorm/RMSNorm weights)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Which parameters AdamW's weight decay applies to: all but biases and norm scales (leaves
+  named `bias` or `scale`; every `scale` here is a LayerNorm/RMSNorm weight), by name as HF's
+  Trainer, which trained the official model, excludes them. Stacked layers carry a leading
+  `layers` axis, so the rank cannot tell a bias from a matrix."""
+  def decayed(path, _):
+    names = [getattr(e, "key", getattr(e, "name", None)) for e in path]
+    leaf = next((n for n in reversed(names) if n != "value"), None)
+    return leaf not in ("bias", "scale")
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(ocfg, total_steps: int) -> Optimizer:
