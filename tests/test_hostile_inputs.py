@@ -399,7 +399,8 @@ def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   (out / "config.json").write_text("old")
-  left = {f".out.partial-{host}-{dead}-t{dead}", f".out.old-{host}-{dead}-t3"}
+  left = {f".out.partial-{host}-{dead}-t{dead}", f".out.old-{host}-{dead}-t3",
+          f".out.partial-{host}-{dead}"}  # the last: named before temporaries carried the thread
   kept = {f".out.partial-{host}-{os.getppid()}-t1", f".out.partial-elsewhere-{dead}-t1",
           f".other.partial-{host}-{dead}-t1"}  # a live writer, another host's, another output's
   for name in left | kept:
