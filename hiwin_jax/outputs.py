@@ -183,7 +183,8 @@ def _clean_after_killed_writers(dest: pathlib.Path) -> None:
   pid is in their names); if one was killed between its two renames (`dest` missing, its
   `.old-` sibling there), renames the old folder back first."""
   host = socket.gethostname()
-  pattern = re.compile(rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)(?:-t\d+)?")
+  pattern = re.compile(
+      rf"\.{re.escape(dest.name)}\.(partial|old)-{re.escape(host)}-(\d+)(?:-t\d+)?")
   try:
     names = sorted(os.listdir(dest.parent))
   except OSError:
