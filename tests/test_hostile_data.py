@@ -269,6 +269,11 @@ def test_the_build_replaces_only_an_earlier_build_and_only_with_overwrite(impost
   rc, _, err = _build(capsys, *args, "--overwrite")
   assert rc == 0, err
   assert _output_bytes(tmp_path / "prepared") == first  # the build is deterministic
+  (tmp_path / "prepared" / "cache").mkdir()  # a training run's metadata cache (loader.cache_dir)
+  (tmp_path / "prepared" / "cache" / "x.npz").write_bytes(b"old")
+  rc, _, err = _build(capsys, *args, "--overwrite")
+  assert rc == 0, err
+  assert _output_bytes(tmp_path / "prepared") == first  # the stale cache went with the rest
   (tmp_path / "prepared" / "notes.txt").write_text("mine")
   rc, _, err = _build(capsys, *args, "--overwrite")
   assert rc == 2 and "notes.txt" in _error_line(err)

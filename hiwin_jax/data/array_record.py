@@ -49,10 +49,11 @@ from hiwin_jax.data import image, parallel, sources
 FORMAT = "hiwin-prepared-llava"
 VERSION = 2
 MANIFEST = "prepared.json"
-# What `hiwin data build --overwrite` may replace: a folder holding only an earlier build's files.
+# What `hiwin data build --overwrite` may replace: a folder holding only an earlier build's files
+# and the metadata cache training keeps beside them (`loader.cache_dir`: `cache/`).
 PREPARED_DATASET = outputs.OutputKind("a prepared dataset of `hiwin data build`",
                                       (MANIFEST, "records-*.array_record",
-                                       "images-*.array_record"))
+                                       "images-*.array_record", "cache"))
 RECORDS_PER_SHARD = 16384
 IMAGES_PER_SHARD = 4096
 _OPEN_READERS = 64  # per process; a pod-sized dataset has hundreds of image shards
