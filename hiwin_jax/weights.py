@@ -77,9 +77,9 @@ def load_params(model, arrays: dict[str, Any], *, partial: bool = False) -> None
   dtype and, for a model placed on a mesh, its sharding.
 
   Every parameter must be named unless `partial` (then the others keep their values); a path
-  the model lacks (CheckpointError) or a shape that differs is an error. `arrays` is emptied as it goes, so each
-  host array is freed once its parameter holds it: peak memory stays at one copy of the model
-  plus one tensor.
+  the model lacks (CheckpointError) or a shape that differs is an error. `arrays` is emptied as
+  it goes, so each host array is freed once its parameter holds it: peak memory stays at one
+  copy of the model plus one tensor.
   """
   state = nnx.state(model, nnx.Param)
   params = {path_str(p): v for p, v in nnx.to_flat_state(state)}
