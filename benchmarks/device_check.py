@@ -71,6 +71,7 @@ if __package__ in (None, ""):  # started as `python benchmarks/<name>.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import jit_init, machine, measure, module_name, report_child, run_child
+from hiwin_jax import outputs
 
 # device kind substring (first match wins) -> HBM bytes/s, fp32 (non-tensor-core) FLOP/s, dense
 # bf16 FLOP/s: vendor data sheets (SXM parts unless named).
@@ -452,16 +453,14 @@ def main() -> int:
     return row
 
   def write(rows):
-    """The report so far: written after every case, so a run killed from outside (a device
-    loan's per-command limit) still leaves the cases it finished."""
+    """The report so far: written after every case (each file replaced whole), so a run killed
+    from outside (a device loan's per-command limit) still leaves the cases it finished."""
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "smoke": args.smoke, "repeats": repeats, "machine": machine(), "info": rows["info"],
               "total_s": time.perf_counter() - start, "cases": rows}
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
+    outputs.write_text(args.out, json.dumps(report, indent=1))
     table = markdown(report)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-      f.write(table + "\n")
+    outputs.write_text(os.path.splitext(args.out)[0] + ".md", table + "\n")
     return table
 
   info = run("info", limit)
@@ -473,8 +472,9 @@ def main() -> int:
           file=sys.stderr)
     return 1
   names = only or cases(info["platform"])
-  rows = {"info": info}
-  table = write(rows)
+  rows = {}
+  ordered = lambda: {"info": info, **{n: rows[n] for n in names if n in rows}}
+  write(ordered())
   lock = threading.Lock()
 
   def one(name):
@@ -488,16 +488,15 @@ def main() -> int:
       row = run(name, min(limit, args.budget - elapsed))
     with lock:
       rows[name] = row
-      write({"info": info, **{n: rows[n] for n in names if n in rows}})
+      write(ordered())
 
   # On a device the cases run one at a time (each times the card alone); the CPU smoke runs
   # `--jobs` of them side by side, as they only prove the code paths.
   with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
     list(pool.map(one, names))
-  rows = {"info": info, **{n: rows[n] for n in names}}
-  table = write(rows)
-  print("\n" + table)
+  print("\n" + write(ordered()))
   return 1 if any(r.get("error") for r in rows.values()) else 0
+
 
 if __name__ == "__main__":
   sys.exit(main())
