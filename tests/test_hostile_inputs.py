@@ -11,9 +11,11 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -394,7 +396,6 @@ def _dead_pid() -> int:
 
 
 def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
-  import socket
   host, dead = socket.gethostname(), _dead_pid()
   out = tmp_path / "out"
   out.mkdir()
@@ -415,7 +416,6 @@ def test_the_temporaries_of_a_killed_writer_on_this_host_are_removed(tmp_path):
 def test_threads_of_one_process_writing_one_file_do_not_collide(tmp_path):
   """Two threads of one process write the same file at once (the metadata pass's processes are
   threads in a test): each has its own temporary, and the file ends whole."""
-  import threading
   path, start, errors = tmp_path / "excluded.jsonl", threading.Barrier(2), []
 
   def write(text):
@@ -437,7 +437,6 @@ def test_threads_of_one_process_writing_one_file_do_not_collide(tmp_path):
 
 
 def test_a_writer_killed_between_its_renames_leaves_the_old_folder_restored(tmp_path):
-  import socket
   old = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}-t1"
   old.mkdir()
   (old / "config.json").write_text("old")
