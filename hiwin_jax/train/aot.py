@@ -293,17 +293,17 @@ def compile_step(cfg, topology: str, *, batch: int = 1, seq: int = 4096, slices:
                                             abstract_batch)
   t1 = time.perf_counter()
   log(f"lowered in {t1 - t0:.1f} s; compiling for {topo.libtpu_name} ...")
-  memory, xla_flops, refusal = None, None, ""
+  compiled, refusal = None, ""
   try:
     compiled = lowered.compile()
-    memory = MemoryReport.from_compiled(compiled)
-    xla_flops = CostReport.from_compiled(compiled).flops
   except jax.errors.JaxRuntimeError as e:
     # A program that cannot fit the chip's HBM is an answer ("does not fit"), not a failure.
     if "RESOURCE_EXHAUSTED" not in str(e) or "HBM" not in str(e):
       raise
     refusal = " ".join(str(e).split())
-  t2 = time.perf_counter()
+  t2 = time.perf_counter()  # the analyses below (the cost one prints the whole HLO) not timed
+  memory = MemoryReport.from_compiled(compiled) if compiled else None
+  xla_flops = CostReport.from_compiled(compiled).flops if compiled else None
   return AotResult(
       topo, dict(mesh.shape), cfg.model.llm.attention,
       {"llm": cfg.model.llm.remat, "vision": cfg.model.vision.remat},
